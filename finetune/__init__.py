@@ -1,0 +1,1 @@
+"""Downstream recipes and their metrics."""

@@ -1,0 +1,1 @@
+"""Model, losses, training loop and checkpointing for long-form video-language pretraining."""

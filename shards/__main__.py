@@ -1,0 +1,20 @@
+"""`python -m shards COMMAND ...`: one subcommand per module, each adds its own parser."""
+
+import argparse
+import logging
+import sys
+
+from shards import synth
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards", description="Write and check video-text shards.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    synth.add_parser(commands)  # later: build, verify, stats
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
