@@ -1,14 +1,15 @@
 """Hierarchical paragraph encoder from any BERT-family checkpoint folder (LF-VILA's text side).
 
 Letters: B batch, M sentences, L tokens per sentence, D width.
-The first `sentence_layers` layers encode each sentence alone (its [CLS] is the sentence feature);
+The first `sentence_layers` layers encode each sentence alone (its pooled state is the sentence feature);
 the remaining layers run over the whole paragraph: all M*L token states get a learned position over
 the concatenated sequence plus a sentence-index embedding, and a new paragraph [CLS], the mean of
-the M sentence [CLS] states, is put in front. Its output is the paragraph feature.
+the M sentence features, is put in front. Its output is the paragraph feature.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,11 @@ class TextEncoderConfig:
     max_sentences: int = 8  # size of the sentence-index embedding table
     max_tokens: int = 512  # size of the paragraph position table (>= M * L)
     freeze_embeddings: bool = False  # keep the pretrained word-embedding table fixed (less to sync per step)
+    # Sentence feature: "cls" is LF-VILA's choice (BERT checkpoints trained with a [CLS] objective);
+    # "mean" (masked mean of the sentence's token states) is the default because the packaged
+    # all-MiniLM-L6-v2 was trained with mean pooling and its [CLS] state after 4 layers is the same
+    # vector for every sentence (cosine 1.000 measured), which leaves MTC nothing to learn from.
+    sentence_pooling: Literal["cls", "mean"] = "mean"
 
     def __post_init__(self):
         if self.sentence_layers < 1:
@@ -69,6 +75,7 @@ class HierarchicalTextEncoder(nn.Module):
         for emb in (self.pos, self.sentence_index):
             nn.init.normal_(emb.weight, std=0.02)
         self.max_sentences = cfg.max_sentences
+        self.pooling = cfg.sentence_pooling
 
     @staticmethod
     def _run(layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +93,12 @@ class HierarchicalTextEncoder(nn.Module):
         x = self.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))  # (B*M, L, D)
         x = self._run(self.sentence_layers, x, mask)  # (B*M, L, D)
         D = x.shape[-1]
-        sentences = x[:, 0].reshape(B, M, D)  # (B, M, D)
+        if self.pooling == "cls":
+            sentences = x[:, 0]  # (B*M, D)
+        else:
+            w = mask.unsqueeze(-1).to(x.dtype)  # (B*M, L, 1)
+            sentences = (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B*M, D)
+        sentences = sentences.reshape(B, M, D)  # (B, M, D)
         x = x.reshape(B, M * L, D)
         seg = torch.arange(M, device=x.device).repeat_interleave(L)  # (M*L,)
         x = x + self.pos.weight[: M * L] + self.sentence_index(seg)  # (B, M*L, D)

@@ -99,7 +99,7 @@ def test_bad_video_config_is_rejected_with_the_key():
 def test_text_encoder_sentence_stage_equals_the_pretrained_layers():
     from transformers import AutoModel, AutoTokenizer
 
-    cfg = TextEncoderConfig(sentence_layers=4)
+    cfg = TextEncoderConfig(sentence_layers=4, sentence_pooling="cls")
     enc = HierarchicalTextEncoder(cfg).eval()
     tok = AutoTokenizer.from_pretrained(cfg.resolved_path())
     sents = ["a red circle moves left in front of a blue square", "a green triangle moves up behind a cyan circle"]
@@ -115,6 +115,11 @@ def test_text_encoder_sentence_stage_equals_the_pretrained_layers():
     ids2 = ids.clone()
     ids2[mask == 0] = 1037
     torch.testing.assert_close(enc(ids2, mask)[1], paragraph, atol=1e-5, rtol=1e-5)
+    # mean pooling: the masked mean of the same hidden states
+    enc.pooling = "mean"
+    m = t["attention_mask"][..., None].float()
+    hidden = bert(**t, output_hidden_states=True).hidden_states[4]
+    torch.testing.assert_close(enc(ids, mask)[0][0], (hidden * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5)
 
 
 def test_every_parameter_gets_a_gradient_and_losses_are_finite():
