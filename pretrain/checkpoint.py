@@ -89,3 +89,23 @@ def load(engine, ckpt_dir: str | Path) -> tuple[dict, dict] | None:
     log.info("loaded checkpoint %s/%s (step %s, data position %s)", ckpt_dir, tag,
              client["run"].get("step"), mine.get("data"))
     return client["run"], mine
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Initial weights (`model.init_from`): a checkpoint folder written by this trainer (its `latest`
+    tag, consolidated with DeepSpeed's zero_to_fp32) or a .pt file with a state dict. Parameters the
+    file lacks (e.g. a new fusion stack) keep their initialisation; parameters the model lacks are an
+    error."""
+    path = Path(path)
+    if path.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("module", state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"{path} holds weights this model does not have: {unexpected[:10]}")
+    log.info("initialised from %s (%d tensors; %d left as initialised: %s)", path, len(state), len(missing),
+             sorted({k.split(".")[0] for k in missing}))

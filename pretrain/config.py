@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.model import ModelConfig
+from pretrain.video_encoder import preset_values
 from shards.loader import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,16 +63,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        v, d = self.model.video, self.data
+        v, d, loss = self.model.video, self.data, self.model.loss
         frames = d.num_clips * d.frames_per_clip
         _check(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
                f"at most model.video.max_frames = {v.max_frames} (got {frames})")
         _check(d.size % v.patch_size == 0, "data.size", f"a multiple of model.video.patch_size = {v.patch_size}")
-        if self.model.video.clip_features == "local":
-            w = v.temporal_windows[v.local_stage]
-            _check(d.frames_per_clip % w == 0, "model.video.local_stage",
-                   f"a stage whose temporal window ({w}) divides data.frames_per_clip ({d.frames_per_clip}), "
-                   "so clip features never mix clips")
+        if loss.mtc_weight > 0:
+            _check(v.clip_stage() is not None, "model.loss.mtc_weight",
+                   "0 with this video encoder: TESTA merges frames before the clip-feature stage, so there "
+                   "are no clip features (or set model.video.clip_features / local_stage to an earlier stage)")
+        if v.clip_features == "local":
+            for i in range(v.local_stage + 1):
+                w = v.temporal_windows[i]
+                _check(v.attention[i] == "htwa" and d.frames_per_clip % w == 0, "model.video.local_stage",
+                       f"a stage up to which every stage is 'htwa' with a temporal window dividing "
+                       f"data.frames_per_clip ({d.frames_per_clip}), so clip features never mix clips "
+                       f"(stage {i} is '{v.attention[i]}' with window {w}); or model.video.clip_features=final")
 
 
 def _check(ok: bool, key: str, allowed: str) -> None:
@@ -149,7 +156,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
+    _apply_preset(data)
     return from_dict(Config, data)
+
+
+def _apply_preset(data: dict) -> None:
+    """model.video.preset: the preset's values sit under the keys the YAML and overrides give."""
+    video = data.get("model", {}).get("video", {})
+    if isinstance(video, dict) and video.get("preset"):
+        try:
+            data["model"]["video"] = {**preset_values(video["preset"]), **video}
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

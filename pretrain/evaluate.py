@@ -25,7 +25,7 @@ def embed_split(model: VideoTextModel, cfg: Config) -> tuple[list[str], torch.Te
     model.eval()
     keys, videos, paragraphs = [], [], []
     for batch in loader:
-        _, v = model.encode_video(batch["video"], batch["input_ids"].shape[1])  # (b, E)
+        _, v = model.encode_video(batch["video"], batch["input_ids"].shape[1], batch.get("depth"))  # (b, E)
         _, p = model.encode_text(batch["input_ids"], batch["attention_mask"])  # (b, E)
         keys += batch["key"]
         videos.append(v.float())
@@ -54,4 +54,31 @@ def evaluate_retrieval(model: VideoTextModel, cfg: Config, run_dir: Path | None 
         print(f"\nZero-shot retrieval on {cfg.data.val_shards} ({len(keys)} videos)\n{table}\n", flush=True)
         if run_dir is not None:
             (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+@torch.no_grad()
+def evaluate_matching(model: VideoTextModel, cfg: Config, run_dir: Path | None = None) -> dict:
+    """Stage-2 heads on the held-out split: video-text matching accuracy (each batch's first half with
+    rolled videos as negatives, as in training) and masked-token accuracy, summed over all ranks."""
+    loader = build_eval_loader(cfg.data, cfg.model.text.resolved_path(), dist_utils.rank(),
+                               dist_utils.world_size(), root=str(REPO_ROOT))
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(4)  # vtm correct, vtm total, mlm correct, mlm total
+    gen = torch.Generator().manual_seed(0)
+    for batch in loader:
+        if batch["input_ids"].shape[0] < 4:
+            continue
+        counts += model.matching_counts(batch, gen)
+    model.train(was_training)
+    counts = sum(dist_utils.all_gather_objects(counts))
+    result = {"vtm_accuracy": 100.0 * float(counts[0] / counts[1].clamp(min=1)),
+              "mlm_accuracy": 100.0 * float(counts[2] / counts[3].clamp(min=1)), "vtm_pairs": int(counts[1])}
+    if dist_utils.rank() == 0:
+        print(f"Stage-2 heads on {cfg.data.val_shards}: video-text matching accuracy {result['vtm_accuracy']:.2f}% "
+              f"(chance 50%) over {result['vtm_pairs']} pairs, masked-token accuracy {result['mlm_accuracy']:.2f}%",
+              flush=True)
+        if run_dir is not None:
+            (run_dir / "eval_matching.json").write_text(json.dumps(result, indent=1))
     return result

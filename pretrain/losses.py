@@ -66,3 +66,57 @@ def mtc_loss(clips: torch.Tensor, sentences: torch.Tensor, key_idx: torch.Tensor
     t2v = _mtc_direction(sentences, clips, key_idx, val_idx, neg_idx, labels, temperature, num_neg)
     v2t = _mtc_direction(clips, sentences, key_idx, val_idx, neg_idx, labels, temperature, num_neg)
     return t2v + v2t
+
+
+def self_similarity_loss(video: torch.Tensor, text: torch.Tensor, temperature: float = 0.07,
+                         target_temperature: float = 5.0, threshold: float = 0.05,
+                         label_smoothing: float = 0.01) -> torch.Tensor:
+    """STGT's self-similarity alignment loss on (B, D) video and text embeddings.
+
+    Soft targets: P = relu(V V^T) * relu(T T^T), entries below `threshold` set to -100, then
+    softmax(target_temperature * P) per row, detached (STGT's code lets gradients flow through the
+    targets; detaching is the standard choice and the one made here). The loss is the mean of the
+    video->text and text->video cross-entropies against those targets, with label smoothing."""
+    with torch.no_grad():
+        p = (video @ video.t()).clamp(min=0) * (text @ text.t()).clamp(min=0)  # (B, B)
+        p = p.masked_fill(p < threshold, -100.0)
+        target = (target_temperature * p).softmax(dim=1)
+    logits = video @ text.t() / temperature  # (B, B) video -> text
+    v2t = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    t2v = F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)  # P is symmetric
+    return (v2t + t2v) / 2
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, vocab_size: int,
+                special_ids: list[int], probability: float = 0.15, generator: torch.Generator | None = None):
+    """BERT masking: `probability` of the real, non-special tokens are chosen; of those 80% become
+    [MASK], 10% a random token, 10% stay. Returns (masked ids, labels with -100 where not chosen)."""
+    ids = input_ids.clone()
+    can = attention_mask.bool() & ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
+    rand = torch.rand(ids.shape, generator=generator).to(ids.device)
+    chosen = can & (rand < probability)
+    labels = input_ids.masked_fill(~chosen, -100)
+    how = torch.rand(ids.shape, generator=generator).to(ids.device)
+    ids[chosen & (how < 0.8)] = mask_id
+    swap = chosen & (how >= 0.8) & (how < 0.9)
+    ids[swap] = torch.randint(vocab_size, (int(swap.sum()),), generator=generator).to(ids.device)
+    return ids, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, S, V) logits, (B, S) labels with -100 ignored; 0 (with a graph) when nothing is masked."""
+    if (labels == -100).all():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def vtm_labels(batch: int) -> torch.Tensor:
+    """LF-VILA's video-text matching: the first half of the batch gets its videos rolled by one
+    (negatives, 0), the rest keep their own (positives, 1)."""
+    labels = torch.ones(batch, dtype=torch.long)
+    labels[: batch // 2] = 0
+    return labels
+
+
+def vtm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)

@@ -1,8 +1,10 @@
-"""The video-language model: hierarchical encoders, projection heads and the stage-1 objective.
+"""The video-language model: hierarchical encoders, projection heads, fusion stack and objectives.
 
-Letters: B batch, M clips = sentences per video, E embedding width.
-The model knows nothing of DeepSpeed or of process groups: the caller passes `gather`, a function
-that concatenates a tensor over all ranks (with gradients), and a seeded generator for MTC sampling.
+Letters: B batch, M clips = sentences per video, L tokens per sentence, E embedding width.
+Which objectives run, and their weights, is `model.loss`: stage 1 is contrastive (VPC + MTC, or
+STGT's self-similarity loss), stage 2 is MLM + VTM over a frozen stage-1 model (`model.freeze`,
+`model.init_from`). The model knows nothing of DeepSpeed or process groups: the caller passes
+`gather`, which concatenates a tensor over ranks with gradients, and seeded generators.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain import losses
+from pretrain.fusion import FusionEncoder
 from pretrain.text_encoder import HierarchicalTextEncoder, TextEncoderConfig
 from pretrain.video_encoder import VideoEncoder, VideoEncoderConfig
 
@@ -22,17 +25,29 @@ from pretrain.video_encoder import VideoEncoder, VideoEncoderConfig
 class LossConfig:
     vpc_weight: float = 1.0  # video-paragraph contrastive (LF-VILA)
     mtc_weight: float = 0.25  # multimodal temporal contrastive (LF-VILA)
-    temperature: float = 0.05  # VPC temperature, fixed
+    ssl_weight: float = 0.0  # self-similarity alignment (STGT), an alternative to VPC
+    mlm_weight: float = 0.0  # masked language modelling through the fusion stack (LF-VILA stage 2: 1)
+    vtm_weight: float = 0.0  # video-text matching through the fusion stack (LF-VILA stage 2: 10)
+    temperature: float = 0.05  # VPC, fixed
     mtc_temperature: float = 0.05
     num_key: int = 2
     num_value: int = 2
     num_neg: int = 3
+    ssl_temperature: float = 0.07
+    ssl_target_temperature: float = 5.0
+    ssl_threshold: float = 0.05
+    ssl_label_smoothing: float = 0.01
+    mlm_probability: float = 0.15
 
     def __post_init__(self):
-        if self.vpc_weight < 0 or self.mtc_weight < 0:
-            raise ValueError("model.loss.vpc_weight and mtc_weight must be >= 0")
-        if self.temperature <= 0 or self.mtc_temperature <= 0:
-            raise ValueError("model.loss.temperature and mtc_temperature must be > 0")
+        weights = [self.vpc_weight, self.mtc_weight, self.ssl_weight, self.mlm_weight, self.vtm_weight]
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError("model.loss.*_weight must be >= 0 with at least one > 0")
+        if min(self.temperature, self.mtc_temperature, self.ssl_temperature) <= 0:
+            raise ValueError("model.loss temperatures must be > 0")
+
+    def uses_fusion(self) -> bool:
+        return self.mlm_weight > 0 or self.vtm_weight > 0
 
 
 @dataclass
@@ -40,7 +55,14 @@ class ModelConfig:
     video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 256  # width of the joint embedding space
+    fusion_layers: int = 0  # cross-modal layers for MLM/VTM (0: no fusion stack)
     loss: LossConfig = field(default_factory=LossConfig)
+    init_from: str = ""  # weights to start from: a DeepSpeed checkpoint folder or a consolidated .pt file
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. ["video.", "text."]
+
+    def __post_init__(self):
+        if self.loss.uses_fusion() and self.fusion_layers < 1:
+            raise ValueError("model.fusion_layers must be >= 1 when model.loss.mlm_weight or vtm_weight > 0")
 
 
 def _no_gather(x: torch.Tensor) -> torch.Tensor:
@@ -54,32 +76,90 @@ class VideoTextModel(nn.Module):
         self.video = VideoEncoder(cfg.video)
         self.text = HierarchicalTextEncoder(cfg.text)
         E, Dt = cfg.embed_dim, self.text.dim
-        self.video_local = nn.Linear(self.video.clip_dim, E)
+        self.video_local = nn.Linear(self.video.clip_dim, E) if self.video.clip_dim else None
         self.video_global = nn.Linear(cfg.video.dims[-1], E)
         self.text_local = nn.Linear(Dt, E)
         self.text_global = nn.Linear(Dt, E)
+        self.fusion = (FusionEncoder(self.text.bert_config, cfg.video.dims[-1], cfg.fusion_layers, cfg.video.max_frames)
+                       if cfg.fusion_layers else None)
 
-    def encode_video(self, video: torch.Tensor, num_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
-        clips, whole = self.video(video, num_clips)  # (B, M, Dc), (B, Dv)
-        return F.normalize(self.video_local(clips), dim=-1), F.normalize(self.video_global(whole), dim=-1)
+    def freeze(self, prefixes: list[str]) -> None:
+        for name, p in self.named_parameters():
+            if any(name.startswith(pre) for pre in prefixes):
+                p.requires_grad_(False)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_video(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None):
+        """-> clip embeddings (B, M, E) (None if the encoder merges frames first), video embedding (B, E)."""
+        clips, whole = self.video(video, num_clips, depth)  # (B, M, Dc), (B, Dv)
+        clips = F.normalize(self.video_local(clips), dim=-1) if clips is not None else None
+        return clips, F.normalize(self.video_global(whole), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """-> sentence embeddings (B, M, E), paragraph embedding (B, E)."""
         sentences, paragraph = self.text(input_ids, attention_mask)  # (B, M, Dt), (B, Dt)
         return F.normalize(self.text_local(sentences), dim=-1), F.normalize(self.text_global(paragraph), dim=-1)
 
-    def forward(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                gather: Callable[[torch.Tensor], torch.Tensor] = _no_gather,
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] = _no_gather,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Stage-1 losses on a batch; returns the weighted total as "loss" and each term unweighted."""
+        """Losses with weight > 0 on a batch (video, input_ids, attention_mask[, depth]): each term
+        unweighted, and the weighted total as "loss"."""
         c = self.cfg.loss
-        M = input_ids.shape[1]
-        clip_emb, video_emb = self.encode_video(video, M)  # (B, M, E), (B, E)
-        sent_emb, para_emb = self.encode_text(input_ids, attention_mask)  # (B, M, E), (B, E)
-        clip_emb, video_emb, sent_emb, para_emb = map(gather, (clip_emb, video_emb, sent_emb, para_emb))
-        out = {"vpc": losses.vpc_loss(video_emb, para_emb, c.temperature)}
-        if c.mtc_weight > 0:
+        out = {}
+        if c.vpc_weight or c.mtc_weight or c.ssl_weight:
+            out.update(self.contrastive_losses(batch, gather, generator))
+        if c.uses_fusion():
+            out.update(self.fusion_losses(batch))
+        out["loss"] = sum(getattr(c, f"{name}_weight") * value for name, value in out.items())
+        return out
+
+    def contrastive_losses(self, batch, gather, generator) -> dict[str, torch.Tensor]:
+        c = self.cfg.loss
+        M = batch["input_ids"].shape[1]
+        clip_emb, video_emb = self.encode_video(batch["video"], M, batch.get("depth"))  # (B, M, E), (B, E)
+        sent_emb, para_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, M, E), (B, E)
+        video_emb, para_emb = gather(video_emb), gather(para_emb)  # (B_global, E)
+        out = {}
+        if c.vpc_weight:
+            out["vpc"] = losses.vpc_loss(video_emb, para_emb, c.temperature)
+        if c.ssl_weight:
+            out["ssl"] = losses.self_similarity_loss(video_emb, para_emb, c.ssl_temperature, c.ssl_target_temperature,
+                                                     c.ssl_threshold, c.ssl_label_smoothing)
+        if c.mtc_weight:
+            clip_emb, sent_emb = gather(clip_emb), gather(sent_emb)  # (B_global, M, E)
             idx = losses.sample_mtc_indices(clip_emb.shape[0], M, c.num_key, c.num_value, generator)
             idx = [i.to(clip_emb.device) for i in idx]
             out["mtc"] = losses.mtc_loss(clip_emb, sent_emb, *idx, temperature=c.mtc_temperature, num_neg=c.num_neg)
-        out["loss"] = c.vpc_weight * out["vpc"] + c.mtc_weight * out.get("mtc", 0.0)
         return out
+
+    def fusion_outputs(self, batch, generator: torch.Generator | None = None):
+        """LF-VILA stage 2 on the local batch: masked text and video through the fusion stack, with the
+        first half's videos rolled by one (negatives). -> VTM logits (B, 2) and labels (B,), MLM logits
+        (B - B//2, M*L, V) and labels for the second (matched) half."""
+        c, text = self.cfg.loss, self.text
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        B, M, L = ids.shape
+        assert B >= 4, "video-text matching needs a per-rank batch of at least 4 (2 negatives, 2 positives)"
+        masked, labels = losses.mask_tokens(ids, mask, text.mask_token_id, text.bert_config.vocab_size,
+                                            text.special_ids, c.mlm_probability, generator)
+        _, _, states, text_mask = self.text(masked, mask, return_states=True)  # (B, 1+M*L, Dt)
+        _, _, frames = self.video(batch["video"], M, batch.get("depth"), return_frames=True)  # (B, T', Dv)
+        half = B // 2
+        frames = torch.cat([frames[:half].roll(1, dims=0), frames[half:]])  # negatives first, positives after
+        fused = self.fusion(states, text_mask, frames)  # (B, S + T', Dt)
+        S = states.shape[1]
+        mlm_logits = self.fusion.mlm_logits(fused[half:, 1:S], text.embeddings.word_embeddings.weight)
+        vtm_labels = losses.vtm_labels(B).to(fused.device)
+        return self.fusion.vtm_logits(fused), vtm_labels, mlm_logits, labels[half:].reshape(B - half, M * L)
+
+    def fusion_losses(self, batch) -> dict[str, torch.Tensor]:
+        vtm_logits, vtm_labels, mlm_logits, mlm_labels = self.fusion_outputs(batch)  # masks from the rank's RNG
+        return {"vtm": losses.vtm_loss(vtm_logits, vtm_labels), "mlm": losses.mlm_loss(mlm_logits, mlm_labels)}
+
+    @torch.no_grad()
+    def matching_counts(self, batch, generator: torch.Generator) -> torch.Tensor:
+        """(VTM correct, VTM total, MLM correct, MLM total) on a batch, for evaluation."""
+        vtm_logits, vtm_labels, mlm_logits, mlm_labels = self.fusion_outputs(batch, generator)
+        chosen = mlm_labels != -100
+        return torch.tensor([(vtm_logits.argmax(-1) == vtm_labels).sum().item(), len(vtm_labels),
+                             (mlm_logits.argmax(-1)[chosen] == mlm_labels[chosen]).sum().item(), chosen.sum().item()],
+                            dtype=torch.float)

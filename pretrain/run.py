@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import deepspeed
 
     from pretrain import distributed as dist_utils
-    from pretrain.evaluate import evaluate_retrieval
+    from pretrain.evaluate import evaluate_matching, evaluate_retrieval
     from pretrain.train import check_run_dir, prepare_run_dir, train
 
     check_run_dir(run_dir, args.resume)
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     engine, finished = train(cfg, run_dir, args.ds_config, args.resume)
     if finished and cfg.train.eval_at_end:
         evaluate_retrieval(engine.module, cfg, run_dir)
+        if cfg.model.loss.uses_fusion():
+            evaluate_matching(engine.module, cfg, run_dir)
     dist_utils.barrier()
     return 0
 

@@ -50,7 +50,7 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class HierarchicalTextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoTokenizer
 
         from transformers.utils import logging as hf_logging
 
@@ -63,6 +63,9 @@ class HierarchicalTextEncoder(nn.Module):
         layers = bert.encoder.layer
         if not cfg.sentence_layers < len(layers):
             raise ValueError(f"model.text.sentence_layers must be < the model's {len(layers)} layers")
+        self.bert_config = bert.config
+        tokenizer = AutoTokenizer.from_pretrained(cfg.resolved_path(), local_files_only=True)
+        self.mask_token_id, self.special_ids = tokenizer.mask_token_id, list(tokenizer.all_special_ids)
         self.embeddings = bert.embeddings
         self.embeddings.word_embeddings.weight.requires_grad_(not cfg.freeze_embeddings)
         self.sentence_layers = nn.ModuleList(layers[: cfg.sentence_layers])
@@ -85,7 +88,9 @@ class HierarchicalTextEncoder(nn.Module):
             x = x[0] if isinstance(x, tuple) else x
         return x
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_states: bool = False):
+        """-> sentence features (B, M, D), paragraph feature (B, D) [, paragraph states (B, 1+M*L, D) and
+        their mask (B, 1+M*L), the input of the cross-modal fusion stack]."""
         B, M, L = input_ids.shape
         assert M <= self.max_sentences, f"{M} sentences exceed model.text.max_sentences={self.max_sentences}"
         assert M * L <= self.pos.num_embeddings, f"M*L={M * L} exceeds model.text.max_tokens"
@@ -104,5 +109,7 @@ class HierarchicalTextEncoder(nn.Module):
         x = x + self.pos.weight[: M * L] + self.sentence_index(seg)  # (B, M*L, D)
         x = torch.cat([sentences.mean(dim=1, keepdim=True), self.norm(x)], dim=1)  # (B, 1+M*L, D)
         mask = torch.cat([mask.new_ones(B, 1), mask.reshape(B, M * L)], dim=1)  # (B, 1+M*L)
-        paragraph = self._run(self.paragraph_layers, x, mask)[:, 0]  # (B, D)
-        return sentences, paragraph
+        states = self._run(self.paragraph_layers, x, mask)  # (B, 1+M*L, D)
+        if return_states:
+            return sentences, states[:, 0], states, mask
+        return sentences, states[:, 0]

@@ -105,8 +105,9 @@ class MetricsLog:
         self.tb.close()
 
 
-def mtc_generator(seed: int, step: int) -> torch.Generator:
-    """The same on every rank at a given step, so all ranks compute one loss on the gathered batch."""
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The same on every rank at a given step, so all ranks compute one loss on the gathered batch
+    (MTC's sampled positions; MLM's masks)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
@@ -117,8 +118,7 @@ def train_step(engine, loader_iter, cfg: Config, step: int) -> tuple[dict, float
         t0 = time.perf_counter()
         batch = next(loader_iter)
         wait += time.perf_counter() - t0
-        out = engine(batch["video"], batch["input_ids"], batch["attention_mask"],
-                     gather=dist_utils.gather_with_grad, generator=mtc_generator(cfg.train.seed, step))
+        out = engine(batch, gather=dist_utils.gather_with_grad, generator=step_generator(cfg.train.seed, step))
         engine.backward(out["loss"])
         engine.step()
     return {k: float(v.detach()) for k, v in out.items()}, wait
@@ -131,6 +131,9 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
     rank, ws = dist_utils.rank(), dist_utils.world_size()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = VideoTextModel(cfg.model)
+    if cfg.model.init_from:
+        checkpoint.load_weights(model, resolve_path(cfg.model.init_from))
+    model.freeze(cfg.model.freeze)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

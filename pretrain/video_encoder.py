@@ -1,31 +1,48 @@
-"""Hierarchical video encoder with LF-VILA's hierarchical temporal window attention (HTWA).
+"""Hierarchical video encoder: a stack of stages, each with its own attention and token aggregation.
 
-Letters: B batch, T frames, h x w patch grid, D width, H heads, M clips, Nw tokens per window.
-Time is never down-sampled; the temporal attention window grows from stage to stage
-(e.g. 2 -> 4 -> 8 -> 16 frames), space is merged 2x2 between stages, and odd blocks shift the
-windows in space only (LF-VILA's `temporal_no_shifting`).
+Letters: B batch, T frames, N tokens per frame, h x w patch grid, D width, M clips, F = T / M.
+Per stage, `attention` picks the block (a plain dict, `BLOCKS`):
+  htwa     LF-VILA's 3D window attention, temporal window growing per stage, spatial-only shifts
+  divided  TimeSformer's divided space-time attention (TESTA's backbone), with TESTA's frame and patch
+           merging (`merge_frames` r_t, `merge_patches` r_s per block)
+  spatial  attention within each frame
+  full     joint space-time attention over all T*N tokens (the baseline)
+  graph    STGT's spatio-temporal graph attention
+  depth    DAST's depth-aware sparse attention (RGB queries, depth keys in a +-w-frame band)
+`downsample[i]` merges 2x2 patches after stage i. Time is never pooled except by TESTA's merging.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.blocks import (DepthBlock, DividedBlock, FullBlock, GraphBlock, HTWABlock, PatchMerging,
+                             SpatialBlock, Tokens)
+
+Attention = Literal["htwa", "divided", "spatial", "full", "graph", "depth"]
+
 
 @dataclass
 class VideoEncoderConfig:
+    preset: str = ""  # a name from PRESETS: its values are the defaults under the YAML's own keys
     patch_size: int = 8  # pixels per patch side
     max_frames: int = 64  # size of the learned temporal position table
     dims: list[int] = field(default_factory=lambda: [64, 128, 128, 128])  # width per stage
     depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # blocks per stage
     heads: list[int] = field(default_factory=lambda: [2, 4, 4, 4])  # attention heads per stage
-    temporal_windows: list[int] = field(default_factory=lambda: [2, 4, 8, 16])  # frames per window
-    downsample: list[bool] = field(default_factory=lambda: [True, False, False, False])  # 2x2 merge after stage
-    spatial_window: int = 4  # patches per window side (clipped to the grid)
+    attention: list[Attention] = field(default_factory=lambda: ["htwa"] * 4)  # block kind per stage
+    temporal_windows: list[int] = field(default_factory=lambda: [2, 4, 8, 16])  # HTWA frames per window
+    spatial_window: list[int] = field(default_factory=lambda: [4, 4])  # HTWA patches per window (h, w)
+    downsample: list[bool] = field(default_factory=lambda: [True, False, False, False])  # 2x2 merge after
+    merge_frames: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # TESTA r_t per block (divided)
+    merge_patches: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # TESTA r_s per block (divided)
+    graph_threshold: float = 0.5  # STGT sim_th: cosine similarities below it are no edge
+    depth_window: int = 7  # DAST: frame t sees the depth of frames t-w..t+w
+    depth_grid: int = 2  # DAST: depth tokens per frame = depth_grid ** 2
     mlp_ratio: float = 4.0
     # "local": clip features from `local_stage`, whose windows never cross clip boundaries (LF-VILA's
     # paper); "final": from the last stage, as LF-VILA's released code does in effect.
@@ -34,127 +51,122 @@ class VideoEncoderConfig:
 
     def __post_init__(self):
         n = len(self.dims)
-        if not (len(self.depths) == len(self.heads) == len(self.temporal_windows) == len(self.downsample) == n > 0):
-            raise ValueError("model.video.dims, depths, heads, temporal_windows and downsample must have one "
-                             "entry per stage")
-        for i in range(n - 1):
-            if not self.downsample[i] and self.dims[i + 1] != self.dims[i]:
-                raise ValueError(f"model.video.dims[{i + 1}] must equal dims[{i}] unless downsample[{i}] is true")
-        for d, h in zip(self.dims, self.heads):
+        lists = ("depths", "heads", "attention", "temporal_windows", "downsample", "merge_frames", "merge_patches")
+        for name in lists:
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"model.video.{name} must have one entry per stage ({n}, like model.video.dims)")
+        for i, (d, h) in enumerate(zip(self.dims, self.heads)):
             if d % h:
-                raise ValueError(f"model.video.dims[i] must be divisible by model.video.heads[i] (got {d} and {h})")
+                raise ValueError(f"model.video.dims[{i}]={d} must be divisible by model.video.heads[{i}]={h}")
+            if i + 1 < n and not self.downsample[i] and self.dims[i + 1] != d:
+                raise ValueError(f"model.video.dims[{i + 1}] must equal dims[{i}] unless downsample[{i}] is true")
+        frames_merged = patches_merged = False
+        for i, kind in enumerate(self.attention):
+            if (self.merge_frames[i] or self.merge_patches[i]) and kind != "divided":
+                raise ValueError(f"model.video.merge_frames/merge_patches[{i}]: TESTA merging needs "
+                                 f"attention 'divided' (stage {i} is '{kind}')")
+            if kind == "htwa" and (frames_merged or patches_merged):
+                raise ValueError(f"model.video.attention[{i}]='htwa' cannot follow TESTA merging")
+            if kind == "depth" and frames_merged:
+                raise ValueError(f"model.video.attention[{i}]='depth' cannot follow TESTA frame merging")
+            frames_merged |= self.merge_frames[i] > 0
+            patches_merged |= self.merge_patches[i] > 0
+            if self.downsample[i] and patches_merged:
+                raise ValueError(f"model.video.downsample[{i}]: no 2x2 downsampling after TESTA patch merging")
         if not 0 <= self.local_stage < n:
             raise ValueError(f"model.video.local_stage must be in [0, {n - 1}]")
 
+    def clip_stage(self) -> int | None:
+        """The stage whose output gives clip features, or None when frames were merged by then."""
+        stage = self.local_stage if self.clip_features == "local" else len(self.dims) - 1
+        return None if any(self.merge_frames[: stage + 1]) else stage
 
-@lru_cache(maxsize=64)
-def relative_position_index(window: tuple[int, int, int], table: tuple[int, int, int]) -> torch.Tensor:
-    """Index into a bias table built for window `table`, for the (possibly smaller) `window`: (Nw, Nw)."""
-    coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in window], indexing="ij")).flatten(1)  # (3, Nw)
-    rel = coords[:, :, None] - coords[:, None, :]  # (3, Nw, Nw)
-    rel = rel + torch.tensor([s - 1 for s in table])[:, None, None]
-    return rel[0] * (2 * table[1] - 1) * (2 * table[2] - 1) + rel[1] * (2 * table[2] - 1) + rel[2]
+    def stage_out_dim(self, i: int) -> int:
+        return self.dims[i + 1] if self.downsample[i] and i + 1 < len(self.dims) else self.dims[i]
 
 
-class WindowAttention3D(nn.Module):
-    """Multi-head self-attention inside 3D windows, with a learned relative position bias."""
+def _stages(**kw):
+    """Per-stage lists with defaults filled for the stages' count."""
+    n = len(kw["dims"])
+    base = dict(temporal_windows=[1] * n, downsample=[False] * n, merge_frames=[0] * n, merge_patches=[0] * n)
+    return {**base, **kw}
 
-    def __init__(self, dim: int, heads: int, window: tuple[int, int, int]):
+
+# Named configurations. "*_small" run on a 2-core CPU at 64x64 pixels; the others use the papers' widths.
+PRESETS: dict[str, dict] = {
+    "debug": _stages(patch_size=8, dims=[16, 32], depths=[1, 1], heads=[2, 2], attention=["htwa", "htwa"],
+                     temporal_windows=[2, 8], spatial_window=[2, 2], downsample=[True, False], local_stage=0,
+                     mlp_ratio=2.0),
+    "lfvila_small": _stages(patch_size=8, dims=[64, 128, 128, 128], depths=[1, 1, 1, 1], heads=[2, 4, 4, 4],
+                            attention=["htwa"] * 4, temporal_windows=[2, 4, 8, 16], spatial_window=[4, 4],
+                            downsample=[True, False, False, False], local_stage=1),
+    # LF-VILA: Swin-B inflated, patch 8 at 192x320, temporal windows 2-4-8-16-16-32, spatial 3x5.
+    "lfvila": _stages(patch_size=8, max_frames=128, dims=[128, 256, 512, 512, 512, 1024], depths=[2, 2, 14, 2, 2, 2],
+                      heads=[4, 8, 16, 16, 16, 32], attention=["htwa"] * 6, temporal_windows=[2, 4, 8, 16, 16, 32],
+                      spatial_window=[3, 5], downsample=[True, True, False, False, True, False], local_stage=2),
+    "testa_small": _stages(patch_size=8, dims=[96, 96], depths=[1, 3], heads=[4, 4], attention=["divided"] * 2,
+                           merge_frames=[0, 1], merge_patches=[0, 4], clip_features="final", local_stage=1),
+    # TESTA: TimeSformer ViT-B/16 with [r_t, r_s] = [1, 12] in every block (32 frames) or [4, 8] (96).
+    "testa": _stages(patch_size=16, max_frames=128, dims=[768], depths=[12], heads=[12], attention=["divided"],
+                     merge_frames=[1], merge_patches=[12], clip_features="final", local_stage=0),
+    "testa_96f": _stages(patch_size=16, max_frames=128, dims=[768], depths=[12], heads=[12], attention=["divided"],
+                         merge_frames=[4], merge_patches=[8], clip_features="final", local_stage=0),
+    "stgt_small": _stages(patch_size=8, dims=[64, 128], depths=[2, 1], heads=[2, 4], attention=["spatial", "graph"],
+                          downsample=[True, False], graph_threshold=0.5, clip_features="final", local_stage=1),
+    # STGT: per-frame ViT-g/14 (39 blocks, 1408 wide), then one graph-transformer layer.
+    "stgt": _stages(patch_size=14, max_frames=128, dims=[1408, 1408], depths=[39, 1], heads=[16, 16],
+                    attention=["spatial", "graph"], graph_threshold=0.5, clip_features="final", local_stage=1),
+    "dast_small": _stages(patch_size=8, dims=[64, 128, 128], depths=[1, 2, 1], heads=[2, 4, 4],
+                          attention=["spatial", "depth", "divided"], downsample=[True, False, False],
+                          depth_window=7, clip_features="final", local_stage=2),
+    # DAST: depth-guided blocks at 512 wide, 8 heads, +-7 frames, over per-frame features.
+    "dast": _stages(patch_size=16, max_frames=128, dims=[512, 512], depths=[4, 6], heads=[8, 8],
+                    attention=["spatial", "depth"], depth_window=7, clip_features="final", local_stage=1),
+    "full_small": _stages(patch_size=8, dims=[64, 128, 128, 128], depths=[1, 1, 1, 1], heads=[2, 4, 4, 4],
+                          attention=["full"] * 4, downsample=[True, False, False, False], clip_features="final",
+                          local_stage=3),
+}
+
+
+def preset_values(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model.video.preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def build_block(cfg: VideoEncoderConfig, i: int, j: int, depth_dim: int) -> nn.Module:
+    dim, heads, r = cfg.dims[i], cfg.heads[i], cfg.mlp_ratio
+    window = (cfg.temporal_windows[i], *cfg.spatial_window)
+    blocks = {
+        "htwa": lambda: HTWABlock(dim, heads, window, shift=j % 2 == 1, mlp_ratio=r),
+        "divided": lambda: DividedBlock(dim, heads, r, cfg.merge_frames[i], cfg.merge_patches[i]),
+        "spatial": lambda: SpatialBlock(dim, heads, r),
+        "full": lambda: FullBlock(dim, heads, r),
+        "graph": lambda: GraphBlock(dim, heads, cfg.graph_threshold, r),
+        "depth": lambda: DepthBlock(dim, depth_dim, heads, cfg.depth_window, r),
+    }
+    return blocks[cfg.attention[i]]()
+
+
+class DepthEmbed(nn.Module):
+    """Per-frame depth maps (B, T, H, W) in [0, 1] -> depth_grid**2 tokens per frame (B, T, Nd, C)."""
+
+    def __init__(self, patch_size: int, dim: int, grid: int):
         super().__init__()
-        self.heads, self.window = heads, window
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        size = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
-        self.bias_table = nn.Parameter(torch.zeros(size, heads))
-        nn.init.trunc_normal_(self.bias_table, std=0.02)
+        self.grid = grid
+        self.proj = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, window: tuple[int, int, int], mask: torch.Tensor | None = None):
-        Bw, Nw, D = x.shape  # Bw = B * windows
-        H = self.heads
-        q, k, v = self.qkv(x).view(Bw, Nw, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (Bw, H, Nw, Dh)
-        idx = relative_position_index(window, self.window).to(x.device)
-        bias = self.bias_table[idx.flatten()].view(Nw, Nw, H).permute(2, 0, 1)  # (H, Nw, Nw)
-        bias = bias.unsqueeze(0)  # (1, H, Nw, Nw)
-        if mask is not None:  # (windows, Nw, Nw), repeated over the batch
-            nwin = mask.shape[0]
-            bias = (bias + mask.unsqueeze(1)).repeat(Bw // nwin, 1, 1, 1)  # (Bw, H, Nw, Nw)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (Bw, H, Nw, Dh)
-        return self.proj(out.transpose(1, 2).reshape(Bw, Nw, D))
-
-
-def window_partition(x: torch.Tensor, win: tuple[int, int, int]) -> torch.Tensor:
-    B, T, h, w, D = x.shape
-    wt, wh, ww = win
-    x = x.view(B, T // wt, wt, h // wh, wh, w // ww, ww, D)
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wt * wh * ww, D)  # (B*windows, Nw, D)
-
-
-def window_merge(x: torch.Tensor, win: tuple[int, int, int], shape: tuple[int, ...]) -> torch.Tensor:
-    B, T, h, w, D = shape
-    wt, wh, ww = win
-    x = x.view(B, T // wt, h // wh, w // ww, wt, wh, ww, D)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(B, T, h, w, D)
-
-
-@lru_cache(maxsize=64)
-def shift_mask(T: int, h: int, w: int, win: tuple[int, int, int], shift: tuple[int, int, int]) -> torch.Tensor:
-    """Swin's mask for shifted windows: tokens from different regions never attend. (windows, Nw, Nw)"""
-    region = torch.zeros(1, T, h, w, 1)
-    label = 0
-    for hs in (slice(0, -win[1]), slice(-win[1], -shift[1]), slice(-shift[1], None)):
-        for ws in (slice(0, -win[2]), slice(-win[2], -shift[2]), slice(-shift[2], None)):
-            region[:, :, hs, ws] = label
-            label += 1
-    r = window_partition(region, win).squeeze(-1)  # (windows, Nw)
-    return (r[:, None, :] != r[:, :, None]).float() * -100.0
-
-
-class HTWABlock(nn.Module):
-    """Pre-norm transformer block with 3D window attention; `shift` rolls the windows in space."""
-
-    def __init__(self, dim: int, heads: int, window: tuple[int, int, int], shift: bool, mlp_ratio: float):
-        super().__init__()
-        self.window, self.shift = window, shift
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = WindowAttention3D(dim, heads, window)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, h, w, D = x.shape
-        win = (min(self.window[0], T), min(self.window[1], h), min(self.window[2], w))  # clip to the input
-        assert T % win[0] == 0 and h % win[1] == 0 and w % win[2] == 0, \
-            f"input (T={T}, h={h}, w={w}) must be divisible by the window {win}"
-        shift = (0, win[1] // 2 if win[1] < h else 0, win[2] // 2 if win[2] < w else 0) if self.shift else (0, 0, 0)
-        y = self.norm1(x)
-        mask = None
-        if any(shift):
-            y = torch.roll(y, shifts=(-shift[1], -shift[2]), dims=(2, 3))
-            mask = shift_mask(T, h, w, win, shift).to(x.device)
-        y = window_merge(self.attn(window_partition(y, win), win, mask), win, x.shape)  # (B, T, h, w, D)
-        if any(shift):
-            y = torch.roll(y, shifts=(shift[1], shift[2]), dims=(2, 3))
-        x = x + y
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchMerging(nn.Module):
-    """2x2 spatial merge: (B, T, h, w, D) -> (B, T, h/2, w/2, D_out). Time is kept."""
-
-    def __init__(self, dim: int, dim_out: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduce = nn.Linear(4 * dim, dim_out, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, h, w, D = x.shape
-        assert h % 2 == 0 and w % 2 == 0, f"patch merging needs an even grid, got {h}x{w}"
-        x = torch.cat([x[:, :, i::2, j::2] for i in (0, 1) for j in (0, 1)], dim=-1)  # (B, T, h/2, w/2, 4D)
-        return self.reduce(self.norm(x))
+    def forward(self, depth: torch.Tensor) -> torch.Tensor:
+        B, T, H, W = depth.shape
+        z = self.proj(depth.float().reshape(B * T, 1, H, W) * 2 - 1)  # (B*T, C, h, w)
+        z = F.adaptive_avg_pool2d(z, self.grid).flatten(2).transpose(1, 2)  # (B*T, Nd, C)
+        return self.norm(z).view(B, T, self.grid ** 2, -1)
 
 
 class VideoEncoder(nn.Module):
-    """Video (B, T, 3, H, W) uint8 or float in [0, 255] -> clip features (B, M, D_clip), video feature (B, D)."""
+    """Video (B, T, 3, H, W) in [0, 255] (+ depth (B, T, H, W)) -> clip features (B, M, Dc) or None,
+    and the video feature (B, D)."""
 
     def __init__(self, cfg: VideoEncoderConfig):
         super().__init__()
@@ -163,36 +175,48 @@ class VideoEncoder(nn.Module):
         self.patch_embed = nn.Conv3d(3, dims[0], kernel_size=(1, p, p), stride=(1, p, p))
         self.time_pos = nn.Parameter(torch.zeros(cfg.max_frames, dims[0]))
         nn.init.trunc_normal_(self.time_pos, std=0.02)
+        self.uses_depth = "depth" in cfg.attention
+        self.depth_embed = DepthEmbed(p, dims[0], cfg.depth_grid) if self.uses_depth else None
         self.stages = nn.ModuleList()
-        for i, (dim, depth, heads, wt) in enumerate(zip(dims, cfg.depths, cfg.heads, cfg.temporal_windows)):
-            window = (wt, cfg.spatial_window, cfg.spatial_window)
-            blocks = [HTWABlock(dim, heads, window, shift=j % 2 == 1, mlp_ratio=cfg.mlp_ratio) for j in range(depth)]
+        for i in range(len(dims)):
+            blocks = [build_block(cfg, i, j, dims[0]) for j in range(cfg.depths[i])]
             if cfg.downsample[i]:
-                blocks.append(PatchMerging(dim, self._stage_out_dim(i)))
+                blocks.append(PatchMerging(dims[i], cfg.stage_out_dim(i)))
             self.stages.append(nn.Sequential(*blocks))
-        self.clip_stage = cfg.local_stage if cfg.clip_features == "local" else len(dims) - 1
-        self.clip_dim = self._stage_out_dim(self.clip_stage)
-        self.clip_norm = nn.LayerNorm(self.clip_dim)
+        self.clip_stage = cfg.clip_stage()
+        self.clip_dim = cfg.stage_out_dim(self.clip_stage) if self.clip_stage is not None else None
+        self.clip_norm = nn.LayerNorm(self.clip_dim) if self.clip_dim else None
         self.norm = nn.LayerNorm(dims[-1])
 
-    def _stage_out_dim(self, i: int) -> int:
-        dims = self.cfg.dims
-        return dims[i + 1] if self.cfg.downsample[i] and i + 1 < len(dims) else dims[i]
-
-    def forward(self, video: torch.Tensor, num_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, video: torch.Tensor, depth: torch.Tensor | None) -> Tokens:
         B, T, C, H, W = video.shape
-        M = num_clips
-        assert T % M == 0, f"frames ({T}) must split evenly into {M} clips"
         assert T <= self.cfg.max_frames, f"{T} frames exceed model.video.max_frames={self.cfg.max_frames}"
         x = video.float().div(127.5).sub(1.0).transpose(1, 2)  # (B, 3, T, H, W) in [-1, 1]
         x = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (B, T, h, w, D0)
-        x = x + self.time_pos[:T, None, None, :]
+        h, w = x.shape[2:4]
+        x = x.flatten(2, 3) + self.time_pos[:T, None, :]  # (B, T, N, D0)
+        z = None
+        if self.uses_depth:
+            assert depth is not None, "this encoder has depth attention: the batch needs 'depth' maps"
+            z = self.depth_embed(depth)  # (B, T, Nd, D0)
+        return Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z)
+
+    def forward(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None,
+                return_frames: bool = False):
+        """[, per-frame tokens (B, T', D): the size-weighted mean of each remaining frame, for fusion]"""
+        B, T = video.shape[:2]
+        M = num_clips
+        assert T % M == 0, f"frames ({T}) must split evenly into {M} clips"
+        t = self.embed(video, depth)
         clips = None
         for i, stage in enumerate(self.stages):
-            x = stage(x)  # (B, T, h_i, w_i, D_i)
+            t = stage(t)  # x: (B, T_i, N_i, D_i)
             if i == self.clip_stage:
-                c = self.clip_norm(x)
-                clips = c.reshape(B, M, T // M, -1, c.shape[-1]).mean(dim=(2, 3))  # (B, M, D_clip)
-        x = self.norm(x)
-        video_feat = x.flatten(1, 3).mean(dim=1)  # (B, D)
+                c, s = self.clip_norm(t.x), t.size  # (B, T, N, Dc), (B, T, N, 1)
+                c = (c * s).reshape(B, M, -1, c.shape[-1]).sum(2) / s.reshape(B, M, -1, 1).sum(2)
+                clips = c  # (B, M, Dc): size-weighted mean over each clip's frames and patches
+        x = self.norm(t.x)
+        video_feat = (x * t.size).flatten(1, 2).sum(1) / t.size.flatten(1, 2).sum(1)  # (B, D)
+        if return_frames:
+            return clips, video_feat, (x * t.size).sum(2) / t.size.sum(2)  # (B, T', D)
         return clips, video_feat

@@ -4,7 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses import mtc_labels, mtc_loss, sample_mtc_indices, vpc_loss
+from pretrain.losses import (mask_tokens, mlm_loss, mtc_labels, mtc_loss, sample_mtc_indices, self_similarity_loss,
+                             vpc_loss, vtm_labels)
 
 
 def unit(*shape, seed=0):
@@ -99,3 +100,69 @@ def test_sample_mtc_indices_shapes_ranges_and_determinism():
     assert k.max() < 4 and v.max() < 4 and n.max() < 4 and min(k.min(), v.min(), n.min()) >= 0
     again = sample_mtc_indices(7, 4, 2, 3, generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip((k, v, n), again))
+
+
+def reference_ssl(v, t, tau, target_tau, threshold, ls):
+    """STGT's soft-target loss, entry by entry."""
+    B = v.shape[0]
+    total = 0.0
+    for logits_of in (lambda i, j: float(v[i] @ t[j]) / tau, lambda i, j: float(t[i] @ v[j]) / tau):
+        for i in range(B):
+            p = []
+            for j in range(B):
+                x = max(float(v[i] @ v[j]), 0.0) * max(float(t[i] @ t[j]), 0.0)
+                p.append(-100.0 if x < threshold else x)
+            z = sum(math.exp(target_tau * x) for x in p)
+            target = [math.exp(target_tau * x) / z for x in p]
+            target = [(1 - ls) * y + ls / B for y in target]
+            logits = [logits_of(i, j) for j in range(B)]
+            lse = math.log(sum(math.exp(x) for x in logits))
+            total += -sum(y * (x - lse) for y, x in zip(target, logits)) / B
+    return total / 2
+
+
+def test_self_similarity_loss_matches_reference():
+    v, t = unit(6, 8, seed=10), unit(6, 8, seed=11)
+    t[3] = v[3]  # make some pairs similar so soft targets are not one-hot
+    t = F.normalize(t, dim=-1)
+    got = self_similarity_loss(v, t, temperature=0.07, target_temperature=5.0, threshold=0.05, label_smoothing=0.01)
+    assert math.isclose(float(got), reference_ssl(v, t, 0.07, 5.0, 0.05, 0.01), rel_tol=1e-9)
+
+
+def test_self_similarity_targets_are_detached():
+    v, t = unit(4, 8, seed=12).requires_grad_(), unit(4, 8, seed=13)
+    self_similarity_loss(v, t).backward()
+    g_with = v.grad.clone()
+    # the same loss with targets computed from constants gives the same gradient
+    v2 = v.detach().clone().requires_grad_()
+    with torch.no_grad():
+        p = (v @ v.t()).clamp(min=0) * (t @ t.t()).clamp(min=0)
+        target = (5.0 * p.masked_fill(p < 0.05, -100.0)).softmax(1)
+    logits = v2 @ t.t() / 0.07
+    ((F.cross_entropy(logits, target, label_smoothing=0.01) + F.cross_entropy(logits.t(), target, label_smoothing=0.01)) / 2).backward()
+    torch.testing.assert_close(g_with, v2.grad)
+
+
+def test_mask_tokens_masks_only_real_tokens_at_the_rate_asked():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (64, 4, 16), generator=g)
+    ids[..., 0], ids[..., 10] = 101, 102
+    mask = torch.ones_like(ids)
+    mask[..., 11:] = 0
+    ids[..., 11:] = 0
+    masked, labels = mask_tokens(ids, mask, mask_id=103, vocab_size=30522, special_ids=[0, 101, 102], probability=0.15,
+                                 generator=g)
+    chosen = labels != -100
+    assert not chosen[..., 0].any() and not chosen[..., 10:].any()  # specials and padding never chosen
+    assert abs(chosen.float().sum() / (64 * 4 * 9) - 0.15) < 0.02
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+    assert abs((masked[chosen] == 103).float().mean() - 0.8) < 0.05
+
+
+def test_vtm_labels_and_all_ignored_mlm():
+    assert vtm_labels(5).tolist() == [0, 0, 1, 1, 1]
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    assert float(mlm_loss(logits, torch.full((2, 3), -100))) == 0.0
+    labels = torch.tensor([[1, -100, 2], [-100, -100, 3]])
+    ref = F.cross_entropy(logits[labels != -100], labels[labels != -100])
+    torch.testing.assert_close(mlm_loss(logits, labels), ref)

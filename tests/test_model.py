@@ -8,14 +8,15 @@ import torch.nn.functional as F
 
 from pretrain.model import ModelConfig, VideoTextModel
 from pretrain.text_encoder import HierarchicalTextEncoder, TextEncoderConfig
-from pretrain.video_encoder import HTWABlock, VideoEncoder, VideoEncoderConfig
+from pretrain.htwa import HTWAttention
+from pretrain.video_encoder import VideoEncoder, VideoEncoderConfig
 
 
-def reference_full_attention(block: HTWABlock, x: torch.Tensor) -> torch.Tensor:
-    """One block with a single window over the whole (T, h, w) input, written out token by token."""
+def reference_full_attention(block: HTWAttention, x: torch.Tensor) -> torch.Tensor:
+    """Attention with a single window over the whole (T, h, w) input, written out token by token."""
     B, T, h, w, D = x.shape
     attn, H = block.attn, block.attn.heads
-    y = block.norm1(x).reshape(B, T * h * w, D)
+    y = x.reshape(B, T * h * w, D)
     q, k, v = attn.qkv(y).chunk(3, dim=-1)
     coords = list(itertools.product(range(T), range(h), range(w)))
     wt, wh, ww = attn.window
@@ -30,18 +31,17 @@ def reference_full_attention(block: HTWABlock, x: torch.Tensor) -> torch.Tensor:
         s = slice(head * Dh, (head + 1) * Dh)
         logits = q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(Dh) + bias[head]
         outs.append(logits.softmax(-1) @ v[..., s])
-    x = x + attn.proj(torch.cat(outs, dim=-1)).reshape(B, T, h, w, D)
-    return x + block.mlp(block.norm2(x))
+    return attn.proj(torch.cat(outs, dim=-1)).reshape(B, T, h, w, D)
 
 
 def test_htwa_window_covering_the_input_equals_full_attention():
     torch.manual_seed(0)
-    block = HTWABlock(dim=16, heads=2, window=(4, 3, 3), shift=False, mlp_ratio=2.0)
+    block = HTWAttention(dim=16, heads=2, window=(4, 3, 3), shift=False)
     torch.nn.init.normal_(block.attn.bias_table, std=1.0)  # make the bias matter
     x = torch.randn(2, 4, 3, 3, 16)
     torch.testing.assert_close(block(x), reference_full_attention(block, x), atol=1e-5, rtol=1e-5)
     # a window larger than the input is clipped to it, giving the same full attention
-    big = HTWABlock(dim=16, heads=2, window=(8, 6, 6), shift=False, mlp_ratio=2.0)
+    big = HTWAttention(dim=16, heads=2, window=(8, 6, 6), shift=False)
     big.load_state_dict({k: v for k, v in block.state_dict().items() if k != "attn.bias_table"}, strict=False)
     torch.nn.init.normal_(big.attn.bias_table, std=1.0)
     torch.testing.assert_close(big(x), reference_full_attention(big, x), atol=1e-5, rtol=1e-5)
@@ -49,17 +49,21 @@ def test_htwa_window_covering_the_input_equals_full_attention():
 
 def test_htwa_windows_do_not_mix_tokens_across_windows():
     torch.manual_seed(0)
-    block = HTWABlock(dim=8, heads=2, window=(2, 2, 2), shift=False, mlp_ratio=2.0)
+    block = HTWAttention(dim=8, heads=2, window=(2, 2, 2), shift=False)
     x = torch.randn(1, 4, 4, 4, 8)
     x2 = x.clone()
     x2[:, 2:, 2:, 2:] += torch.randn(2, 2, 2, 8)  # change only the last window in time and space
     diff = (block(x) - block(x2)).abs().sum(-1)[0]  # (T, h, w)
     assert torch.all(diff[:2] == 0) and torch.all(diff[:, :2] == 0) and torch.all(diff[2:, 2:, 2:] > 0)
+    # the same attention over the whole input mixes everything
+    whole = HTWAttention(dim=8, heads=2, window=(4, 4, 4), shift=False)
+    whole.load_state_dict({k: v for k, v in block.state_dict().items() if "bias_table" not in k}, strict=False)
+    assert torch.all((whole(x) - whole(x2)).abs().sum(-1)[0, :2] > 0)
 
 
 def test_shifted_block_mixes_neighbouring_windows_in_space_only():
     torch.manual_seed(0)
-    block = HTWABlock(dim=8, heads=2, window=(2, 2, 2), shift=True, mlp_ratio=2.0)
+    block = HTWAttention(dim=8, heads=2, window=(2, 2, 2), shift=True)
     x = torch.randn(1, 4, 4, 4, 8)
     x2 = x.clone()
     x2[:, 0, 1, 1] += torch.randn(8)
@@ -70,7 +74,8 @@ def test_shifted_block_mixes_neighbouring_windows_in_space_only():
 
 def tiny_video_cfg(**kw):
     base = dict(patch_size=8, dims=[16, 32, 32], depths=[1, 2, 1], heads=[2, 2, 2], temporal_windows=[2, 4, 8],
-                downsample=[True, False, False], spatial_window=2, max_frames=16)
+                downsample=[True, False, False], spatial_window=[2, 2], max_frames=16, attention=["htwa"] * 3,
+                merge_frames=[0, 0, 0], merge_patches=[0, 0, 0])
     base.update(kw)
     return VideoEncoderConfig(**base)
 
@@ -93,7 +98,8 @@ def test_bad_video_config_is_rejected_with_the_key():
     with pytest.raises(ValueError, match="model.video.dims"):
         VideoEncoderConfig(dims=[16, 32], depths=[1], heads=[2, 2], temporal_windows=[2, 4], downsample=[True, False])
     with pytest.raises(ValueError, match="downsample"):
-        VideoEncoderConfig(dims=[16, 32], depths=[1, 1], heads=[2, 2], temporal_windows=[2, 4], downsample=[False, False])
+        VideoEncoderConfig(dims=[16, 32], depths=[1, 1], heads=[2, 2], temporal_windows=[2, 4],
+                           downsample=[False, False], attention=["htwa"] * 2, merge_frames=[0, 0], merge_patches=[0, 0])
 
 
 def test_text_encoder_sentence_stage_equals_the_pretrained_layers():
@@ -131,9 +137,32 @@ def test_every_parameter_gets_a_gradient_and_losses_are_finite():
     ids = torch.randint(1000, 2000, (B, M, L))
     ids[..., 0] = 101
     mask = torch.ones(B, M, L, dtype=torch.long)
-    out = model(video, ids, mask, generator=torch.Generator().manual_seed(0))
+    out = model({"video": video, "input_ids": ids, "attention_mask": mask}, generator=torch.Generator().manual_seed(0))
     assert set(out) == {"vpc", "mtc", "loss"} and all(torch.isfinite(v) for v in out.values())
     torch.testing.assert_close(out["loss"], out["vpc"] + 0.25 * out["mtc"])
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing}"
+
+
+def test_stage2_trains_only_the_fusion_stack_with_mlm_and_vtm():
+    from pretrain.model import LossConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(video=tiny_video_cfg(), text=TextEncoderConfig(sentence_layers=3), embed_dim=32,
+                      fusion_layers=1, loss=LossConfig(vpc_weight=0, mtc_weight=0, mlm_weight=1, vtm_weight=10))
+    model = VideoTextModel(cfg)
+    model.freeze(["video.", "text.", "video_local", "video_global", "text_local", "text_global"])
+    B, M, L = 4, 2, 8
+    ids = torch.randint(1000, 2000, (B, M, L))
+    ids[..., 0], ids[..., -1] = 101, 102
+    batch = {"video": torch.randint(0, 256, (B, 8, 3, 32, 32), dtype=torch.uint8), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids)}
+    out = model(batch)
+    assert set(out) == {"vtm", "mlm", "loss"}
+    torch.testing.assert_close(out["loss"], out["mlm"] + 10 * out["vtm"])
+    out["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("fusion.") for n in trainable)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)

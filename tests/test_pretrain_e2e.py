@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "data.batch_size=4", "data.num_workers=1", "data.size=32", "data.frames_per_clip=2", "data.max_words=12",
-    "model.video.dims=[16,32,32,32]", "model.video.heads=[2,2,2,2]", "model.video.spatial_window=2",
-    "model.video.temporal_windows=[2,2,4,8]", "model.video.local_stage=1",
+    "model.video.preset=debug", "model.video.local_stage=0",
     "model.text.sentence_layers=4", "model.embed_dim=32",
     "train.warmup_steps=2", "train.log_every=1", "train.save_every=2",
 ]
@@ -24,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir, data, steps, *extra, resume=False):
+def launch(run_dir, data, steps, *extra, resume=False, config="demo.yaml"):
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "pretrain" / "run.py"),
-           "--config", str(REPO / "pretrain" / "configs" / "demo.yaml"), "--run-dir", str(run_dir)]
+           "--config", str(REPO / "pretrain" / "configs" / config), "--run-dir", str(run_dir)]
     cmd += ["--resume"] if resume else []
     cmd += TINY + [f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"train.steps={steps}", *extra]
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -69,8 +69,31 @@ def test_train_save_resume_continues_exactly(data, tmp_path):
     assert result["num_videos"] == 8 and "paragraph->video" in out.stdout
 
 
-def test_fresh_run_refuses_a_run_dir_with_checkpoints(data, tmp_path):
-    launch(tmp_path, data, 2, "train.eval_at_end=false")
+@pytest.fixture(scope="module")
+def stage1(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stage1")
+    launch(run, data, 2, "train.eval_at_end=false")
+    return run
+
+
+def test_stage2_trains_the_fusion_stack_over_the_frozen_stage1_model(data, stage1, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = launch(tmp_path, data, 2, f"model.init_from={stage1}/checkpoints", "model.fusion_layers=1",
+                 config="demo_stage2.yaml")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all({"mlm", "vtm"} <= set(r) for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["mlm"] + 10 * rows[0]["vtm"], rel=1e-5)
+    before = get_fp32_state_dict_from_zero_checkpoint(str(stage1 / "checkpoints"))
+    after = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"))
+    frozen = [k for k in before if k.startswith(("video.", "text.", "video_global", "text_global"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # stage 1 stays as it was
+    assert any(k.startswith("fusion.") for k in after)
+    assert "video-text matching accuracy" in out.stdout and (tmp_path / "eval_matching.json").exists()
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(data, stage1):
+    tmp_path = stage1
     deepspeed = Path(sys.executable).parent / "deepspeed"
     proc = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
                            str(REPO / "pretrain" / "run.py"), "--config", str(REPO / "pretrain/configs/demo.yaml"),
