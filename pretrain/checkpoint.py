@@ -44,33 +44,49 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def save(engine, ckpt_dir: str | Path, step: int, run_state: dict, rank_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(engine, ckpt_dir: str | Path, step: int, run_state: dict, rank_state: dict, keep_last: int,
+         keep_every: int = 0) -> str:
+    """Collective: every rank calls it. Returns the tag. If any rank fails to write (a full disk), the
+    partial folder is removed, `latest` keeps pointing at the previous checkpoint, and every rank raises."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"global_step{step}"
     ranks = dist_utils.all_gather_objects(rank_state)
     client = {"run": run_state, "ranks": ranks, "world_size": dist_utils.world_size(),
               "universal_checkpoint_info": {}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-    dist_utils.barrier()  # every rank's shards are on disk
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        if dist_utils.rank() == 0:
+            info = {"tag": tag, "step": step, "world_size": dist_utils.world_size(), "time": time.time(),
+                    "run": run_state, "data": [r.get("data") for r in ranks],
+                    "files": sorted(os.listdir(ckpt_dir / tag))}
+            (ckpt_dir / tag / "trainstate.json").write_text(json.dumps(info, indent=1, default=str))
+    except OSError as e:
+        error = e
+    if dist_utils.any_rank(error is not None):  # every rank's shards are on disk, or the save is void
+        if dist_utils.rank() == 0:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        dist_utils.barrier()
+        raise CheckpointError(f"saving checkpoint {ckpt_dir / tag} failed ({error or 'on another rank'}); "
+                              f"the previous checkpoint {latest_tag(ckpt_dir)} is intact")
     if dist_utils.rank() == 0:
-        info = {"tag": tag, "step": step, "world_size": dist_utils.world_size(), "time": time.time(),
-                "run": run_state, "data": [r.get("data") for r in ranks],
-                "files": sorted(os.listdir(ckpt_dir / tag))}
-        (ckpt_dir / tag / "trainstate.json").write_text(json.dumps(info, indent=1, default=str))
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, keep_last, keep_every)
     dist_utils.barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir()),
-                  key=lambda p: int(p.name[len("global_step"):]))
-    for old in tags[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
+    steps = sorted(int(p.name[len("global_step"):]) for p in ckpt_dir.glob("global_step*") if p.is_dir())
+    for step in steps[:-keep_last]:
+        if not (keep_every and step % keep_every == 0):
+            shutil.rmtree(ckpt_dir / f"global_step{step}", ignore_errors=True)
 
 
 def load(engine, ckpt_dir: str | Path) -> tuple[dict, dict] | None:

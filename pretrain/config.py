@@ -11,6 +11,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -40,10 +41,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
     save_every: int = 100  # steps between checkpoints; the last step is always saved
-    keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
+    keep_last: int = 3  # the newest checkpoints kept on disk (older ones are deleted) ...
+    keep_every: int = 0  # ... except every step that is a multiple of this (0: none)
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run with an error
     exit_interval: int = 0  # save and exit when the step is a multiple of this (0: never), for time-limited jobs
     eval_at_end: bool = True  # zero-shot paragraph-to-video retrieval on data.val_shards after training
     ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine JSON; batch sizes are filled in from here
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32
 
     def __post_init__(self):
         _check(self.steps >= 1, "train.steps", "an integer >= 1")
@@ -53,6 +57,8 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1")
         _check(self.log_every >= 1 and self.save_every >= 1, "train.log_every / train.save_every", "integers >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "an integer >= 1")
+        _check(self.keep_every >= 0, "train.keep_every", "an integer >= 0")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
         _check(self.exit_interval >= 0, "train.exit_interval", "an integer >= 0")
 
 

@@ -55,3 +55,12 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one small all-reduce)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -70,14 +70,14 @@ def mtc_loss(clips: torch.Tensor, sentences: torch.Tensor, key_idx: torch.Tensor
 
 def self_similarity_loss(video: torch.Tensor, text: torch.Tensor, temperature: float = 0.07,
                          target_temperature: float = 5.0, threshold: float = 0.05,
-                         label_smoothing: float = 0.01) -> torch.Tensor:
+                         label_smoothing: float = 0.01, detach_targets: bool = True) -> torch.Tensor:
     """STGT's self-similarity alignment loss on (B, D) video and text embeddings.
 
     Soft targets: P = relu(V V^T) * relu(T T^T), entries below `threshold` set to -100, then
     softmax(target_temperature * P) per row, detached (STGT's code lets gradients flow through the
-    targets; detaching is the standard choice and the one made here). The loss is the mean of the
+    targets; detaching is the standard choice and the default here). The loss is the mean of the
     video->text and text->video cross-entropies against those targets, with label smoothing."""
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_targets):
         p = (video @ video.t()).clamp(min=0) * (text @ text.t()).clamp(min=0)  # (B, B)
         p = p.masked_fill(p < threshold, -100.0)
         target = (target_temperature * p).softmax(dim=1)

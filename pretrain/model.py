@@ -37,6 +37,7 @@ class LossConfig:
     ssl_target_temperature: float = 5.0
     ssl_threshold: float = 0.05
     ssl_label_smoothing: float = 0.01
+    ssl_detach_targets: bool = True  # STGT's code lets gradients flow through its soft targets
     mlm_probability: float = 0.15
 
     def __post_init__(self):
@@ -123,7 +124,7 @@ class VideoTextModel(nn.Module):
             out["vpc"] = losses.vpc_loss(video_emb, para_emb, c.temperature)
         if c.ssl_weight:
             out["ssl"] = losses.self_similarity_loss(video_emb, para_emb, c.ssl_temperature, c.ssl_target_temperature,
-                                                     c.ssl_threshold, c.ssl_label_smoothing)
+                                                     c.ssl_threshold, c.ssl_label_smoothing, c.ssl_detach_targets)
         if c.mtc_weight:
             clip_emb, sent_emb = gather(clip_emb), gather(sent_emb)  # (B_global, M, E)
             idx = losses.sample_mtc_indices(clip_emb.shape[0], M, c.num_key, c.num_value, generator)

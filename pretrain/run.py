@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from pretrain.config import ConfigError, load_config, resolve_path  # noqa: E402
 
+RESUME_ME = 3  # exit code: stopped early (signal or train.exit_interval) after saving; rerun with --resume
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain a long-form video-language model with DeepSpeed.")
@@ -27,6 +29,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_data(cfg) -> None:
+    from pretrain.config import REPO_ROOT
+    from shards.loader import resolve_shards
+
+    specs = [cfg.data.train_shards] + ([cfg.data.val_shards] if cfg.train.eval_at_end else [])
+    for spec in specs:
+        for shard in resolve_shards(spec, str(REPO_ROOT)):
+            if "://" not in shard and not os.access(shard, os.R_OK):
+                raise OSError(f"shard {shard} is missing or unreadable")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,6 +49,11 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
+    try:  # missing or unreadable shards: a clear error now, not a stack trace per rank later
+        check_data(cfg)
+    except (OSError, ValueError) as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
 
     local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     import torch
@@ -58,7 +76,7 @@ def main(argv=None) -> int:
         if cfg.model.loss.uses_fusion():
             evaluate_matching(engine.module, cfg, run_dir)
     dist_utils.barrier()
-    return 0
+    return 0 if finished else RESUME_ME
 
 
 if __name__ == "__main__":

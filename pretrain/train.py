@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,28 @@ def build_ds_config(cfg: Config, world_size: int, path: str | None = None) -> di
                               "remove it from the JSON or make them agree")
         ds[key] = value
     if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{path}: fp16 is not supported; use bf16 (GPU) or fp32")
+        raise ConfigError(f"{path}: fp16 is not supported; use bf16 (GPU) or fp32 (train.precision)")
+    bf16 = resolve_precision(cfg.train.precision) == "bf16"
+    if "enabled" in ds.get("bf16", {}) and ds["bf16"]["enabled"] != bf16:
+        raise ConfigError(f"{path}: bf16.enabled={ds['bf16']['enabled']} disagrees with train.precision="
+                          f"{cfg.train.precision}; remove it from the JSON (it is filled in from train.precision)")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     return ds
 
 
-def build_optimizer(model: VideoTextModel, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with two learning rates (pretrained text encoder vs. the rest); no decay on 1-D params."""
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+
+
+def build_optimizer(model: VideoTextModel, cfg: Config, cpu_adam: bool = False) -> torch.optim.Optimizer:
+    """AdamW with two learning rates (pretrained text encoder vs. the rest); no decay on 1-D params.
+    With the optimizer offloaded to the CPU, DeepSpeed's vectorised CPU Adam (the same AdamW math)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -56,6 +74,10 @@ def build_optimizer(model: VideoTextModel, cfg: Config) -> torch.optim.Optimizer
     t = cfg.train
     params = [{"params": ps, "lr": t.text_lr if is_text else t.lr, "weight_decay": t.weight_decay if decay else 0.0}
               for (is_text, decay), ps in sorted(groups.items())]
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, betas=(t.beta1, t.beta2), eps=1e-8, adamw_mode=True)
     return torch.optim.AdamW(params, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
@@ -75,6 +97,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
 class RunState:
     step: int = 0
     samples_seen: int = 0
+    nonfinite_steps: int = 0
 
 
 class MetricsLog:
@@ -111,36 +134,70 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def train_step(engine, loader_iter, cfg: Config, step: int) -> tuple[dict, float]:
-    """One optimizer step (grad_accum micro-batches). Returns the last micro-batch's losses and the data wait."""
-    wait = 0.0
+class StopSignal:
+    """SIGUSR1 / SIGTERM (SLURM's warning before the time limit, preemption): finish the step, save, exit."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        return dist_utils.any_rank(self.received is not None)
+
+
+def train_step(engine, loader_iter, cfg: Config, step: int) -> tuple[dict, float, bool]:
+    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait,
+    whether the step was taken). A non-finite loss on any rank skips the step: with grad_accum = 1 no
+    backward and no optimizer step run; with more, that micro-batch contributes a zero gradient."""
+    wait, ok = 0.0, True
     for _ in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(loader_iter)
         wait += time.perf_counter() - t0
         out = engine(batch, gather=dist_utils.gather_with_grad, generator=step_generator(cfg.train.seed, step))
-        engine.backward(out["loss"])
+        finite = not dist_utils.any_rank(not bool(torch.isfinite(out["loss"])))
+        ok &= finite
+        if cfg.train.grad_accum == 1 and not finite:
+            break
+        loss = out["loss"] if finite else sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
+        engine.backward(loss)
         engine.step()
-    return {k: float(v.detach()) for k, v in out.items()}, wait
+    return {k: float(v.detach()) for k, v in out.items()}, wait, ok
 
 
-def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
-    """Train to cfg.train.steps (or to an exit_interval stop); returns (engine, finished)."""
+def build_engine(cfg: Config, ds_config_path: str | None, ds_extra: dict | None = None):
     import deepspeed
 
-    rank, ws = dist_utils.rank(), dist_utils.world_size()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = VideoTextModel(cfg.model)
     if cfg.model.init_from:
         checkpoint.load_weights(model, resolve_path(cfg.model.init_from))
     model.freeze(cfg.model.freeze)
-    optimizer = build_optimizer(model, cfg)
+    ds = {**build_ds_config(cfg, dist_utils.world_size(), ds_config_path), **(ds_extra or {})}
+    optimizer = build_optimizer(model, cfg, cpu_adam=offloads_optimizer(ds))
     scheduler = build_scheduler(optimizer, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, ws, ds_config_path))
-    torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank stream for dropout
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine, scheduler
 
+
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident set, KiB on Linux
+
+
+def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
+    """Train to cfg.train.steps, or until a stop signal / exit_interval; returns (engine, finished)."""
+    rank, ws = dist_utils.rank(), dist_utils.world_size()
     ckpt_dir = run_dir / "checkpoints"
+    stop = StopSignal()
+    engine, scheduler = build_engine(cfg, ds_config_path)
+    torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank stream for dropout and MLM masks
+
     state, data_state = RunState(), None
     loaded = checkpoint.load(engine, ckpt_dir) if resume else None
     if loaded is not None:
@@ -151,16 +208,27 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
     elif resume:
         log.warning("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
 
-    tokenizer = cfg.model.text.resolved_path()
-    loader = build_train_loader(cfg.data, tokenizer, rank, ws, state=data_state, root=str(REPO_ROOT))
+    loader = build_train_loader(cfg.data, cfg.model.text.resolved_path(), rank, ws, state=data_state,
+                                root=str(REPO_ROOT))
     metrics = MetricsLog(run_dir, state.step) if rank == 0 else None
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * ws
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc="pretrain", disable=rank != 0, dynamic_ncols=True)
     engine.train()
     it = iter(loader)
+    bad_in_a_row = 0
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        losses, wait = train_step(engine, it, cfg, state.step)
+        losses, wait, ok = train_step(engine, it, cfg, state.step)
+        if not ok:
+            state.nonfinite_steps += 1
+            bad_in_a_row += 1
+            log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", state.step + 1, losses, bad_in_a_row)
+            if bad_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise RuntimeError(f"non-finite loss in {bad_in_a_row} consecutive steps (train.max_nonfinite_steps"
+                                   f"={cfg.train.max_nonfinite_steps}); last losses {losses}. Lower train.lr or check "
+                                   f"the data; the last checkpoint is {checkpoint.latest_tag(ckpt_dir)}")
+            continue
+        bad_in_a_row = 0
         state.step += 1
         state.samples_seen += global_batch
         step_time = time.perf_counter() - t0
@@ -169,19 +237,27 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             skipped = _sum_counts(dist_utils.all_gather_objects(loader.skipped()))
             if metrics is not None:
+                grad_norm = engine.get_global_grad_norm()
                 record = {"step": state.step, **losses, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": global_batch / step_time, "data_wait_s": wait,
-                          "samples_seen": state.samples_seen, "skipped": skipped}
+                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "samples_per_s": global_batch / step_time,
+                          "clips_per_s": global_batch * cfg.data.num_clips / step_time,
+                          "data_wait_s": wait, "data_wait_frac": wait / step_time, "mem_gib": memory_gib(),
+                          "samples_seen": state.samples_seen, "nonfinite_steps": state.nonfinite_steps,
+                          "skipped": skipped}
                 metrics.write(record)
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        exiting = cfg.train.exit_interval and state.step % cfg.train.exit_interval == 0
+        signalled = stop.any_rank()
+        exiting = signalled or (cfg.train.exit_interval and state.step % cfg.train.exit_interval == 0)
         if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps or exiting:
             rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
-            tag = checkpoint.save(engine, ckpt_dir, state.step, vars(state).copy(), rank_state, cfg.train.keep_last)
+            tag = checkpoint.save(engine, ckpt_dir, state.step, vars(state).copy(), rank_state,
+                                  cfg.train.keep_last, cfg.train.keep_every)
             if rank == 0:
                 bar.write(f"saved checkpoint {ckpt_dir / tag}")
         if exiting and state.step < cfg.train.steps:
-            bar.write(f"train.exit_interval: stopping at step {state.step}; continue with --resume")
+            why = f"signal {stop.received or 'on another rank'}" if signalled else "train.exit_interval"
+            bar.write(f"{why}: stopping at step {state.step}; continue with --resume")
             break
     loader.close()
     bar.close()

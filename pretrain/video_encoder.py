@@ -48,6 +48,9 @@ class VideoEncoderConfig:
     # paper); "final": from the last stage, as LF-VILA's released code does in effect.
     clip_features: Literal["local", "final"] = "local"
     local_stage: int = 1
+    # Pooling of a stage's tokens into clip and video features: "mean" over frames and patches, or
+    # LF-VILA's "maxpool": a (2, 3) max-pool with stride 1 over each frame's patch grid first.
+    pooling: Literal["mean", "maxpool"] = "mean"
 
     def __post_init__(self):
         n = len(self.dims)
@@ -159,7 +162,7 @@ class DepthEmbed(nn.Module):
 
     def forward(self, depth: torch.Tensor) -> torch.Tensor:
         B, T, H, W = depth.shape
-        z = self.proj(depth.float().reshape(B * T, 1, H, W) * 2 - 1)  # (B*T, C, h, w)
+        z = self.proj(depth.to(self.proj.weight.dtype).reshape(B * T, 1, H, W) * 2 - 1)  # (B*T, C, h, w)
         z = F.adaptive_avg_pool2d(z, self.grid).flatten(2).transpose(1, 2)  # (B*T, Nd, C)
         return self.norm(z).view(B, T, self.grid ** 2, -1)
 
@@ -191,7 +194,8 @@ class VideoEncoder(nn.Module):
     def embed(self, video: torch.Tensor, depth: torch.Tensor | None) -> Tokens:
         B, T, C, H, W = video.shape
         assert T <= self.cfg.max_frames, f"{T} frames exceed model.video.max_frames={self.cfg.max_frames}"
-        x = video.float().div(127.5).sub(1.0).transpose(1, 2)  # (B, 3, T, H, W) in [-1, 1]
+        dtype = self.patch_embed.weight.dtype  # fp32, or bf16 under DeepSpeed's bf16 mode
+        x = video.to(dtype).div(127.5).sub(1.0).transpose(1, 2)  # (B, 3, T, H, W) in [-1, 1]
         x = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (B, T, h, w, D0)
         h, w = x.shape[2:4]
         x = x.flatten(2, 3) + self.time_pos[:T, None, :]  # (B, T, N, D0)
@@ -212,11 +216,21 @@ class VideoEncoder(nn.Module):
         for i, stage in enumerate(self.stages):
             t = stage(t)  # x: (B, T_i, N_i, D_i)
             if i == self.clip_stage:
-                c, s = self.clip_norm(t.x), t.size  # (B, T, N, Dc), (B, T, N, 1)
-                c = (c * s).reshape(B, M, -1, c.shape[-1]).sum(2) / s.reshape(B, M, -1, 1).sum(2)
-                clips = c  # (B, M, Dc): size-weighted mean over each clip's frames and patches
-        x = self.norm(t.x)
-        video_feat = (x * t.size).flatten(1, 2).sum(1) / t.size.flatten(1, 2).sum(1)  # (B, D)
+                c, s = self.pool(self.clip_norm(t.x), t)  # (B, T, N', Dc), (B, T, N', 1)
+                clips = (c * s).reshape(B, M, -1, c.shape[-1]).sum(2) / s.reshape(B, M, -1, 1).sum(2)  # (B, M, Dc)
+        x, s = self.pool(self.norm(t.x), t)  # (B, T', N', D), (B, T', N', 1)
+        video_feat = (x * s).flatten(1, 2).sum(1) / s.flatten(1, 2).sum(1)  # (B, D): size-weighted mean
         if return_frames:
-            return clips, video_feat, (x * t.size).sum(2) / t.size.sum(2)  # (B, T', D)
+            return clips, video_feat, (x * s).sum(2) / s.sum(2)  # (B, T', D)
         return clips, video_feat
+
+    def pool(self, x: torch.Tensor, t: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """LF-VILA's (2, 3) max-pool over each frame's grid when configured (and a grid exists)."""
+        if self.cfg.pooling != "maxpool" or t.grid is None:
+            return x, t.size
+        B, T, N, D = x.shape
+        h, w = t.grid
+        g = x.reshape(B * T, h, w, D).permute(0, 3, 1, 2)  # (B*T, D, h, w)
+        g = F.max_pool2d(g, kernel_size=(min(2, h), min(3, w)), stride=1)  # (B*T, D, h', w')
+        g = g.flatten(2).transpose(1, 2).reshape(B, T, -1, D)  # (B, T, h'*w', D)
+        return g, g.new_ones(*g.shape[:3], 1)

@@ -166,3 +166,12 @@ def test_vtm_labels_and_all_ignored_mlm():
     labels = torch.tensor([[1, -100, 2], [-100, -100, 3]])
     ref = F.cross_entropy(logits[labels != -100], labels[labels != -100])
     torch.testing.assert_close(mlm_loss(logits, labels), ref)
+
+
+def test_self_similarity_targets_can_carry_gradients_as_in_stgt_code():
+    v, t = unit(4, 8, seed=14).requires_grad_(), unit(4, 8, seed=15)
+    self_similarity_loss(v, t).backward()
+    detached = v.grad.clone()
+    v.grad = None
+    self_similarity_loss(v, t, detach_targets=False).backward()
+    assert not torch.allclose(detached, v.grad)

@@ -166,3 +166,18 @@ def test_preset_values_sit_under_explicit_keys_and_bad_combos_name_the_key():
     load_config(None, ["model.video.preset=testa_small", "model.loss.mtc_weight=0"])
     with pytest.raises(ConfigError, match="known presets"):
         load_config(None, ["model.video.preset=nope"])
+
+
+def test_lfvila_maxpool_pooling_matches_a_hand_computation():
+    cfg = VideoEncoderConfig(**{**preset_values("debug"), "pooling": "maxpool"})
+    enc = VideoEncoder(cfg).eval()
+    from pretrain.blocks import Tokens
+
+    x = torch.randn(1, 2, 6, 4)  # grid 2 x 3: one (2, 3) window per frame
+    pooled, size = enc.pool(x, Tokens(x=x, grid=(2, 3), size=torch.ones(1, 2, 6, 1)))
+    assert pooled.shape == (1, 2, 1, 4) and torch.equal(pooled[0, :, 0], x[0].max(dim=1).values)
+    assert size.shape == (1, 2, 1, 1)
+    mean_enc = VideoEncoder(VideoEncoderConfig(**preset_values("debug")))
+    mean_enc.load_state_dict(enc.state_dict())
+    video = torch.randint(0, 256, (1, 8, 3, 32, 32), dtype=torch.uint8)
+    assert not torch.allclose(enc(video, 4)[1], mean_enc(video, 4)[1])
