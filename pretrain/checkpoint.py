@@ -17,6 +17,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def save(engine, ckpt_dir: str | Path, step: int, run_state: dict, rank_state: d
                     "run": run_state, "data": [r.get("data") for r in ranks],
                     "files": sorted(os.listdir(ckpt_dir / tag))}
             (ckpt_dir / tag / "trainstate.json").write_text(json.dumps(info, indent=1, default=str))
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         error = e
     if dist_utils.any_rank(error is not None):  # every rank's shards are on disk, or the save is void
         if dist_utils.rank() == 0:
@@ -87,6 +89,46 @@ def _prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
     for step in steps[:-keep_last]:
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(ckpt_dir / f"global_step{step}", ignore_errors=True)
+
+
+def saved_world_size(ckpt_dir: str | Path) -> int | None:
+    """The world size that wrote the latest checkpoint, or None if there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    return json.loads((Path(ckpt_dir) / tag / "trainstate.json").read_text())["world_size"]
+
+
+def to_universal(ckpt_dir: str | Path) -> Path:
+    """Collective. Rank 0 converts the latest checkpoint with DeepSpeed's ds_to_universal, once (the
+    converter writes `universal/latest_universal` last); returns the folder DeepSpeed loads from with
+    `checkpoint.load_universal`."""
+    ckpt_dir = Path(ckpt_dir)
+    tag, root = latest_tag(ckpt_dir), ckpt_dir / "universal"
+    done = root / "latest_universal"
+    if dist_utils.rank() == 0 and not (done.is_file() and done.read_text().strip() == tag):
+        log.info("converting %s/%s to a universal checkpoint for a new world size", ckpt_dir, tag)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+               "--output_folder", str(root / tag), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed on {ckpt_dir / tag}:\n{proc.stderr[-3000:]}")
+    dist_utils.barrier()
+    return root
+
+
+def load_elastic(engine, ckpt_dir: str | Path) -> tuple[dict, list[dict]]:
+    """Load the latest checkpoint, written at another world size, through its universal form (the
+    engine must have been built with `checkpoint.load_universal`). Returns (run state, the saved
+    per-rank states of the old world), whose RNG and data positions do not map onto the new ranks."""
+    tag = latest_tag(ckpt_dir)
+    root = to_universal(ckpt_dir)
+    path, client = engine.load_checkpoint(str(root), tag=tag)
+    if path is None:
+        raise CheckpointError(f"could not load the universal checkpoint {root}/{tag}")
+    log.info("loaded checkpoint %s/%s written by %d ranks into %d ranks (step %s)", ckpt_dir, tag,
+             client["world_size"], dist_utils.world_size(), client["run"].get("step"))
+    return client["run"], client["ranks"]
 
 
 def load(engine, ckpt_dir: str | Path) -> tuple[dict, dict] | None:

@@ -130,6 +130,11 @@ def _coerce(tp, value, path: str):
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise ConfigError(f"bad value for {path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -9,6 +9,7 @@ import logging
 import math
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from pretrain import checkpoint, distributed as dist_utils
 from pretrain.config import Config, ConfigError, resolve_path, save_config, REPO_ROOT
 from pretrain.model import VideoTextModel
-from shards.loader import build_train_loader
+from shards.loader import build_train_loader, epoch_start_state
 
 log = logging.getLogger("pretrain")
 
@@ -184,6 +185,17 @@ def build_engine(cfg: Config, ds_config_path: str | None, ds_extra: dict | None 
     return engine, scheduler
 
 
+def elastic_data_state(cfg: Config, old_ranks: list[dict], rank: int, world_size: int) -> dict:
+    """The data position after a world-size change. Positions of the old ranks' workers do not map onto
+    the new ones, so every new worker starts the epoch after the furthest any old worker reached:
+    nothing is seen twice; the unseen rest of the interrupted epoch is skipped (and logged)."""
+    epoch = 1 + max(int(e) for r in old_ranks for e, _ in r["data"]["epoch_pos"].values())
+    if rank == 0:
+        log.warning("world size changed (%d -> %d): the data stream restarts at epoch %d", len(old_ranks),
+                    world_size, epoch)
+    return epoch_start_state(cfg.data, rank, world_size, epoch, root=str(REPO_ROOT))
+
+
 def memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -195,13 +207,19 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
     rank, ws = dist_utils.rank(), dist_utils.world_size()
     ckpt_dir = run_dir / "checkpoints"
     stop = StopSignal()
-    engine, scheduler = build_engine(cfg, ds_config_path)
+    saved_ws = checkpoint.saved_world_size(ckpt_dir) if resume else None
+    elastic = saved_ws is not None and saved_ws != ws
+    engine, scheduler = build_engine(cfg, ds_config_path, {"checkpoint": {"load_universal": True}} if elastic else None)
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank stream for dropout and MLM masks
 
     state, data_state = RunState(), None
-    loaded = checkpoint.load(engine, ckpt_dir) if resume else None
-    if loaded is not None:
-        run_state, mine = loaded
+    if elastic:
+        run_state, old_ranks = checkpoint.load_elastic(engine, ckpt_dir)
+        state = RunState(**run_state)
+        torch.manual_seed(cfg.train.seed + 1000 * (rank + 1) + state.step)
+        data_state = elastic_data_state(cfg, old_ranks, rank, ws)
+    elif resume and saved_ws is not None:
+        run_state, mine = checkpoint.load(engine, ckpt_dir)
         state = RunState(**run_state)
         checkpoint.set_rng_state(mine["rng"])
         data_state = mine["data"]
@@ -212,7 +230,8 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
                                 root=str(REPO_ROOT))
     metrics = MetricsLog(run_dir, state.step) if rank == 0 else None
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * ws
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc="pretrain", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=state.step, desc="pretrain", disable=rank != 0, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     engine.train()
     it = iter(loader)
     bad_in_a_row = 0

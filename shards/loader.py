@@ -2,14 +2,24 @@
 
 Train stream of rank r, logical worker w of W, for epoch e = 0, 1, 2, ...:
     shards shuffled by (seed, e), the same on every rank -> [r::world_size] -> [w::W]
-    -> tar members (mp4, json, depth.npz) -> shuffle buffer of raw bytes seeded by (seed, e, r, w)
-    -> decode (late) -> batches of `batch_size` good samples, all from one worker.
+    -> tar members (mp4, json, depth.npz), local or s3:// -> shuffle buffer of raw bytes seeded by (seed, e, r, w)
+    -> decode (late): plan the clips (shards.sampling), seek and decode only those frames,
+       crop/flip/resize (shards.transforms), tokenize -> batches of `batch_size` good samples, all from one worker.
 A worker's position is (epoch, raw samples consumed after the shuffle buffer). To resume, each
 worker re-reads raw samples up to its position without decoding them, and DataLoader worker i
-plays logical worker (i + next_worker) % W, because torch always asks worker 0 first.
+plays logical worker (i + next_worker) % W, because torch always asks worker 0 first. Every
+random choice of a sample (clips, frames, crop, flip) comes from a generator seeded by
+(seed, epoch, key), so a resumed run decodes the same pixels.
 
-Bad input (truncated tars, broken MP4s, missing members, bad JSON, too few sentences) is skipped
-and counted per reason; a worker whose whole epoch is unusable raises instead of spinning.
+Ranks never wait on each other for data: the train stream has no end (each worker starts its
+next pass over its shards, in a new order, when one ends), and every batch holds exactly
+`batch_size` good samples, so every rank yields one full batch per step for as many steps as the
+trainer asks. A pass ("epoch") is per worker; `TrainLoader.samples_per_epoch` is the nominal
+per-rank epoch, total samples // world_size, for converting steps to epochs.
+
+Bad input (truncated tars, broken or empty MP4s, missing members, bad JSON, sentences outside
+the video, too few sentences, a video shorter than the clips) is skipped and counted per reason;
+a worker whose whole epoch is unusable raises instead of spinning.
 
 Letters: B batch, M clips (sentences) per video, F frames per clip, T = M*F, S size, L tokens.
 """
@@ -17,42 +27,45 @@ Letters: B batch, M clips (sentences) per video, F frames per clip, T = M*F, S s
 import functools
 import hashlib
 import io
-import json
 import logging
-import math
 import os
-import tarfile
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as Fn
 import webdataset as wds
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.video import ShortVideoError, decode_frames
+from shards import transforms
+from shards.format import FormatError, num_frames, parse_meta, read_index, read_tar, resolve_shards
+from shards.sampling import plan_clips, spans_in_video
+from shards.storage import Storage
+from shards.video import EPS, EmptyVideoError, ShortVideoError, decode_at_times
 
 log = logging.getLogger("shards")
 
-MEMBERS = ("mp4", "json", "depth.npz")  # the only tar members read
 SHARD_ORDER, SHUFFLE, SAMPLE = 1, 2, 3  # first seed word of each random stream, so streams never collide
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/synth/train"  # split folder with index.json, or "dir/synth-{000000..000015}.tar"
+    train_shards: str = "data/synth/train"  # split folder or s3:// prefix with index.json, or "dir/synth-{000000..000015}.tar"
     val_shards: str = "data/synth/val"
-    num_clips: int = 4  # M: clips per video, one per sentence
+    num_clips: int = 4  # M: clips per video
     frames_per_clip: int = 4  # F
-    size: int = 64  # S: frames are resized to S x S
+    size: int = 64  # S: frames are cropped square and resized to S x S
     max_words: int = 16  # L: tokens per sentence, [CLS] and [SEP] included, padded
     batch_size: int = 8  # B, per rank
     num_workers: int = 1  # DataLoader worker processes per rank (0 = in the main process)
     shuffle_buffer: int = 64  # raw samples held for shuffling (1 = no shuffling)
     seed: int = 0
+    clip_sampling: Literal["sentences", "uniform", "window"] = "sentences"  # see shards/sampling.py
+    clip_seconds: float = 2.0  # "window" sampling: seconds per clip
+    crop_scale: float = 1.0  # train: random resized crop keeps [crop_scale, 1] of the frame area; 1 = centre square
+    hflip: float = 0.0  # train: probability of a left-right flip (sentences get left <-> right swapped)
+    s3_endpoint: str = ""  # S3-compatible endpoint URL for s3:// shards; "" = AWS_ENDPOINT_URL[_S3] or AWS
 
     def __post_init__(self):
         for name in ("num_clips", "frames_per_clip", "size", "batch_size", "shuffle_buffer"):
@@ -63,6 +76,19 @@ class DataConfig:
         for name in ("train_shards", "val_shards"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty path or brace pattern, got {getattr(self, name)!r}")
+        if self.clip_sampling not in ("sentences", "uniform", "window"):
+            raise ValueError(f"DataConfig.clip_sampling must be one of sentences, uniform, window, "
+                             f"got {self.clip_sampling!r}")
+        if not self.clip_seconds > 0:
+            raise ValueError(f"DataConfig.clip_seconds must be > 0, got {self.clip_seconds!r}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"DataConfig.crop_scale must be in (0, 1], got {self.crop_scale!r}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"DataConfig.hflip must be in [0, 1], got {self.hflip!r}")
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(self.s3_endpoint)
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -70,62 +96,7 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"DataConfig.{name} must be an int >= {low}, got {value!r}")
 
 
-def resolve_shards(spec: str, root: str | None = None) -> list[str]:
-    """A split folder (its index.json lists the shards) or a brace pattern -> existing tar paths."""
-    path = spec if root is None or os.path.isabs(spec) else os.path.join(root, spec)
-    if os.path.isdir(path):
-        index = os.path.join(path, "index.json")
-        if not os.path.isfile(index):
-            raise FileNotFoundError(f"shard folder {path} has no index.json "
-                                    "(it is written last: is the split complete?)")
-        with open(index) as f:
-            urls = [os.path.join(path, name) for name in json.load(f)["shards"]]
-    else:
-        urls = list(braceexpand(path))
-    if not urls:
-        raise ValueError(f"no shards in {spec!r} (resolved to {path})")
-    missing = [u for u in urls if not os.path.isfile(u)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, "
-                                f"e.g. {missing[0]}")
-    return urls
-
-
 # ---- raw stages: tar members as bytes, never decoded ----------------------------------------
-
-
-def read_tar(url: str) -> Iterator[dict]:
-    """Raw samples {"__key__", "__url__", ext: bytes} of one tar, grouped by key, MEMBERS only.
-
-    A read error (truncated or garbage tar) ends the tar with one {"__error__": "bad_tar"} item,
-    so the error is counted where it occurs in the stream, like any bad sample.
-    """
-    sample = None
-    try:
-        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": url}
-                if ext in MEMBERS:
-                    sample[ext] = tf.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        key = sample["__key__"] if sample else os.path.basename(url)
-        yield {"__key__": key, "__url__": url, "__error__": "bad_tar", "__detail__": repr(e)}
-        return
-    if sample is not None:
-        yield sample
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """"dir/synth_000042.depth.npz" -> ("dir/synth_000042", "depth.npz"): keys end at the basename's first dot."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 def shuffle_buffer(items: Iterator, rng: np.random.Generator, size: int) -> Iterator:
@@ -151,15 +122,15 @@ def epoch_shards(shards: list[str], seed: int, epoch: int) -> list[str]:
     return [shards[i] for i in order]
 
 
-def train_source(shards: list[str], seed: int, rank: int, world_size: int, worker: int, num_workers: int,
-                 buffer: int, start: tuple[int, int]) -> Iterator[tuple[int, int, dict]]:
+def train_source(shards: list[str], storage: Storage, seed: int, rank: int, world_size: int, worker: int,
+                 num_workers: int, buffer: int, start: tuple[int, int]) -> Iterator[tuple[int, int, dict]]:
     """Endless (epoch, consumed, raw) of one logical worker, beginning after position `start`."""
     epoch, skip = start
     while True:
         mine = epoch_shards(shards, seed, epoch)[rank::world_size][worker::num_workers]
         rng = np.random.default_rng([SHUFFLE, seed, epoch, rank, worker])
         consumed = 0
-        for raw in shuffle_buffer((s for url in mine for s in read_tar(url)), rng, buffer):
+        for raw in shuffle_buffer((s for url in mine for s in read_tar(url, storage)), rng, buffer):
             consumed += 1
             if consumed > skip:  # the first `skip` were handed out before the resume
                 yield epoch, consumed, raw
@@ -171,8 +142,8 @@ def train_source(shards: list[str], seed: int, rank: int, world_size: int, worke
         epoch, skip = epoch + 1, 0
 
 
-def eval_source(shards: list[str]) -> Iterator[tuple[int, int, dict]]:
-    for i, raw in enumerate((s for url in shards for s in read_tar(url)), start=1):
+def eval_source(shards: list[str], storage: Storage) -> Iterator[tuple[int, int, dict]]:
+    for i, raw in enumerate((s for url in shards for s in read_tar(url, storage)), start=1):
         yield 0, i, raw
 
 
@@ -207,91 +178,76 @@ def get_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def parse_meta(data: bytes, num_clips: int) -> tuple[float, float, list[tuple[str, float, float]]]:
-    """JSON -> (duration, fps, [(text, start, end)]) with spans clipped into the video."""
+def read_meta(data: bytes, cfg: DataConfig) -> tuple[dict, list]:
+    """JSON -> (meta, sentence spans inside the video); raises Skip when the sample cannot give M clips."""
     try:
-        meta = json.loads(data.decode("utf-8"))
-        duration, fps = float(meta["duration"]), float(meta["fps"])
-        spans = [(s["text"], float(s["start"]), float(s["end"])) for s in meta["sentences"]]
-        if not all(isinstance(text, str) for text, _, _ in spans):
-            raise TypeError("a sentence text is not a string")
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise Skip("bad_json", repr(e)) from None
-    if not (math.isfinite(duration) and duration > 0):
-        raise Skip("zero_duration", f"duration={duration}")
-    if not (math.isfinite(fps) and fps > 0):
-        raise Skip("bad_json", f"fps={fps}")
-    spans = [(text, max(start, 0.0), min(end, duration)) for text, start, end in spans]
-    spans = [s for s in spans if s[2] > s[1]]  # also drops NaN spans
+        meta = parse_meta(data)
+    except FormatError as e:
+        raise Skip(e.reason, e.detail) from None
+    spans = spans_in_video(meta["sentences"], meta["duration"])  # also drops NaN and reversed spans
     if not spans:
-        raise Skip("no_sentences_in_video", f"duration={duration}")
-    if len(spans) < num_clips:
-        raise Skip("too_few_sentences", f"{len(spans)} < {num_clips}")
-    return duration, fps, spans
+        raise Skip("no_sentences_in_video", f"{len(meta['sentences'])} sentences, duration={meta['duration']}")
+    if len(spans) < cfg.num_clips:
+        raise Skip("too_few_sentences", f"{len(spans)} < {cfg.num_clips}")
+    frames = num_frames(meta)
+    if frames < cfg.num_clips * cfg.frames_per_clip:
+        raise Skip("video_shorter_than_clips", f"{frames} frames < {cfg.num_clips} clips x {cfg.frames_per_clip}")
+    return meta, spans
 
 
-def frame_indices(spans, duration: float, fps: float, frames_per_clip: int,
-                  rng: np.random.Generator | None) -> list[int]:
-    """F frame indices per span: segment centres (rng None) or a random point in each segment."""
-    F = frames_per_clip
-    last = max(1, math.floor(duration * fps + 1e-6)) - 1  # last frame inside the video
-    out = []
-    for _, start, end in spans:
-        offsets = np.full(F, 0.5) if rng is None else rng.random(F)
-        times = start + (np.arange(F) + offsets) * (end - start) / F  # (F,) seconds
-        out += np.clip(np.floor(times * fps), 0, last).astype(int).tolist()
-    return out  # (M*F,)
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, C, H, W) -> (T, C, S, S), same dtype; antialiased bilinear."""
-    if tuple(x.shape[-2:]) == (size, size):
-        return x.contiguous()
-    y = Fn.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y.to(x.dtype)
-
-
-def load_video(data: bytes, indices: list[int], size: int) -> torch.Tensor:
-    """MP4 bytes -> (T, 3, S, S) uint8, decoding only up to the last needed frame."""
+def load_video(data: bytes, times: np.ndarray) -> torch.Tensor:
+    """MP4 bytes -> (T, 3, H, W) uint8, seeking to and decoding only the frames at `times`."""
+    if len(data) == 0:
+        raise Skip("zero_length_video", "0 bytes")
     try:
-        frames = decode_frames(data, indices)  # (T, H, W, 3)
+        frames = decode_at_times(data, times.tolist())  # (T, H, W, 3)
+    except EmptyVideoError as e:
+        raise Skip("zero_length_video", str(e)) from None
     except ShortVideoError as e:
         raise Skip("short_video", str(e)) from None
     except Exception as e:  # PyAV raises many types on corrupt input
         raise Skip("bad_video", repr(e)) from None
-    return resize(torch.from_numpy(frames).permute(0, 3, 1, 2), size)  # (T, 3, S, S)
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
 
 
-def load_depth(data: bytes, indices: list[int], size: int) -> torch.Tensor:
-    """depth.npz bytes -> (T, S, S) float16 at the same frame indices."""
+def load_depth(data: bytes, times: np.ndarray, fps: float) -> torch.Tensor:
+    """depth.npz bytes -> (T, 1, h, w) float32, map i being video frame i."""
+    indices = np.floor(times * fps + EPS).astype(int)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            depth = npz["depth"]  # (T0, H, W)
-        if depth.ndim != 3 or max(indices) >= len(depth):
-            raise ValueError(f"depth shape {depth.shape}, need frame {max(indices)}")
+            depth = npz["depth"]  # (T0, h, w)
+        if depth.ndim != 3 or indices.max() >= len(depth):
+            raise ValueError(f"depth shape {depth.shape}, need frame {indices.max()}")
     except Exception as e:
         raise Skip("bad_depth", repr(e)) from None
-    d = torch.from_numpy(depth[indices].astype(np.float32))[:, None]  # (T, 1, H, W)
-    return resize(d, size)[:, 0].half()  # (T, S, S)
+    return torch.from_numpy(depth[indices].astype(np.float32))[:, None]  # (T, 1, h, w)
 
 
 def decode_sample(raw: dict, cfg: DataConfig, tokenizer_path: str, rng: np.random.Generator | None) -> dict:
-    """Raw members -> {"key", "video", "input_ids", "attention_mask"[, "depth"]}; raises Skip."""
+    """Raw members -> {"key", "meta", "video", "input_ids", "attention_mask"[, "depth"]}; raises Skip.
+    "meta" is the sample's parsed KEY.json (task fields such as QA ride there).
+    rng None = eval: first clips, centre frames, centre square, no flip."""
     if "__error__" in raw:
         raise Skip(raw["__error__"], raw.get("__detail__", ""))
     for ext in ("json", "mp4"):
         if ext not in raw:
             raise Skip(f"missing_{ext}")
-    M = cfg.num_clips
-    duration, fps, spans = parse_meta(raw["json"], M)
-    first = 0 if rng is None else int(rng.integers(len(spans) - M + 1))
-    spans = spans[first : first + M]
-    indices = frame_indices(spans, duration, fps, cfg.frames_per_clip, rng)  # (T,)
-    sample = {"key": raw["__key__"], "video": load_video(raw["mp4"], indices, cfg.size)}
+    meta, spans = read_meta(raw["json"], cfg)
+    plan = plan_clips(cfg.clip_sampling, spans, meta["duration"], meta["fps"], num_frames(meta), cfg.num_clips,
+                      cfg.frames_per_clip, cfg.clip_seconds, rng)  # times (T,), texts (M,)
+    video = load_video(raw["mp4"], plan.times)  # (T, 3, H, W)
+    H, W = video.shape[-2:]
+    box = transforms.centre_square(H, W) if rng is None else transforms.random_crop(H, W, rng, cfg.crop_scale)
+    flip = rng is not None and cfg.hflip > 0 and bool(rng.random() < cfg.hflip)
+    texts = [transforms.mirror_text(t) for t in plan.texts] if flip else plan.texts
+    sample = {"key": raw["__key__"], "meta": meta, "video": transforms.crop_resize(video, box, cfg.size)}  # (T, 3, S, S)
     if "depth.npz" in raw:
-        sample["depth"] = load_depth(raw["depth.npz"], indices, cfg.size)
-    tokens = get_tokenizer(tokenizer_path)([text for text, _, _ in spans], padding="max_length",
-                                           truncation=True, max_length=cfg.max_words, return_tensors="pt")
+        depth = load_depth(raw["depth.npz"], plan.times, meta["fps"])  # (T, 1, h, w)
+        sample["depth"] = transforms.crop_resize(depth, box, cfg.size)[:, 0].half()  # (T, S, S)
+    if flip:
+        sample = {k: v.flip(-1) if k in ("video", "depth") else v for k, v in sample.items()}
+    tokens = get_tokenizer(tokenizer_path)(texts, padding="max_length", truncation=True, max_length=cfg.max_words,
+                                           return_tensors="pt")
     sample["input_ids"] = tokens["input_ids"].long()  # (M, L)
     sample["attention_mask"] = tokens["attention_mask"].long()  # (M, L)
     return sample
@@ -331,6 +287,7 @@ def collate(samples: list[dict]) -> dict:
         "input_ids": torch.stack([s["input_ids"] for s in samples]),  # (B, M, L)
         "attention_mask": torch.stack([s["attention_mask"] for s in samples]),  # (B, M, L)
         "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],  # parsed KEY.json of each sample
     }
     if all("depth" in s for s in samples):
         batch["depth"] = torch.stack([s["depth"] for s in samples])  # (B, T, S, S) float16
@@ -375,7 +332,7 @@ class TrainStream(IterableDataset):
         skips = SkipCounter(self.skipped.get(w))
         cfg = self.cfg
         stages = [
-            partial(train_source, self.shards, cfg.seed, self.rank, self.world_size, w, W,
+            partial(train_source, self.shards, cfg.storage, cfg.seed, self.rank, self.world_size, w, W,
                     cfg.shuffle_buffer, tuple(self.positions[w])),
             partial(decode_stage, cfg=cfg, tokenizer_path=self.tokenizer_path, skips=skips, train=True,
                     where=f"rank {self.rank} worker {w}"),
@@ -395,7 +352,7 @@ class EvalStream(IterableDataset):
         i, n = (info.id, info.num_workers) if info else (0, 1)
         skips = SkipCounter()
         stages = [
-            partial(eval_source, self.shards[i::n]),
+            partial(eval_source, self.shards[i::n], self.cfg.storage),
             partial(decode_stage, cfg=self.cfg, tokenizer_path=self.tokenizer_path, skips=skips, train=False,
                     where=f"eval worker {i}"),
             partial(batch_stage, batch_size=self.cfg.batch_size, skips=skips, worker=None, keep_last=True),
@@ -406,7 +363,7 @@ class EvalStream(IterableDataset):
 class TrainLoader:
     """Endless iterator of train batches that knows its exact position (state_dict, build_train_loader(state=))."""
 
-    def __init__(self, stream: TrainStream, check: dict):
+    def __init__(self, stream: TrainStream, check: dict, samples_per_epoch: int | None):
         nw = stream.cfg.num_workers
         # its own generator: starting the workers must not draw from the trainer's global RNG (dropout)
         self.loader = DataLoader(stream, batch_size=None, num_workers=nw, collate_fn=_identity,
@@ -417,6 +374,7 @@ class TrainLoader:
         self.next_worker = stream.first_worker
         self._skipped = {w: dict(c) for w, c in stream.skipped.items()}
         self.check = check  # world_size, rank, num_workers, ... saved to refuse a mismatched resume
+        self.samples_per_epoch = samples_per_epoch  # nominal: total samples // world_size (None: unknown)
         self._it = None
 
     def __iter__(self):
@@ -456,15 +414,14 @@ class TrainLoader:
 
 def build_train_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_size: int,
                        state: dict | None = None, root: str | None = None) -> TrainLoader:
-    shards = resolve_shards(cfg.train_shards, root)
+    shards = resolve_shards(cfg.train_shards, root, cfg.storage)
     W = max(1, cfg.num_workers)
     if len(shards) < world_size * W:
         raise ValueError(f"the train split has {len(shards)} shards but world_size * num_workers = "
                          f"{world_size} * {W} = {world_size * W}; every data worker needs at least one shard: "
                          f"write more, smaller shards or lower DataConfig.num_workers")
     assert 0 <= rank < world_size, f"rank {rank} outside world_size {world_size}"
-    check = {"world_size": world_size, "rank": rank, "num_workers": cfg.num_workers, "seed": cfg.seed,
-             "shuffle_buffer": cfg.shuffle_buffer, "num_shards": len(shards)}
+    check = _resume_check(cfg, rank, world_size, len(shards))
     positions, skipped, first = {w: [0, 0] for w in range(W)}, {}, 0
     if state is not None:
         for name, value in check.items():
@@ -476,14 +433,38 @@ def build_train_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_si
         skipped = {int(w): dict(c) for w, c in state.get("skipped", {}).items()}
         first = int(state["next_worker"])
     stream = TrainStream(cfg, shards, tokenizer_path, rank, world_size, positions, skipped, first)
-    return TrainLoader(stream, check)
+    total = _num_samples(cfg.train_shards, root, cfg.storage)
+    return TrainLoader(stream, check, None if total is None else total // world_size)
+
+
+def _resume_check(cfg: DataConfig, rank: int, world_size: int, num_shards: int) -> dict:
+    """What a saved data position depends on; a resume under other values is refused."""
+    return {"world_size": world_size, "rank": rank, "num_workers": cfg.num_workers, "seed": cfg.seed,
+            "shuffle_buffer": cfg.shuffle_buffer, "num_shards": num_shards}
+
+
+def epoch_start_state(cfg: DataConfig, rank: int, world_size: int, epoch: int, root: str | None = None) -> dict:
+    """A data state (for build_train_loader(state=)) with every worker of this rank at the start of
+    `epoch`: where to continue when saved positions do not map onto this run (a world-size change)."""
+    shards = resolve_shards(cfg.train_shards, root, cfg.storage)
+    return {"epoch_pos": {w: [int(epoch), 0] for w in range(max(1, cfg.num_workers))}, "next_worker": 0,
+            "skipped": {}, **_resume_check(cfg, rank, world_size, len(shards))}
+
+
+def _num_samples(spec: str, root: str | None, storage: Storage) -> int | None:
+    """Samples in a split folder per its index.json; None for a brace pattern."""
+    if "{" in spec or spec.endswith(".tar"):
+        return None
+    path = spec if root is None or "://" in spec or os.path.isabs(spec) else os.path.join(root, spec)
+    index = read_index(path, storage)
+    return int(index.get("num_samples", sum(index.get("counts", [])))) or None
 
 
 def build_eval_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_size: int,
                       root: str | None = None) -> DataLoader:
     """Finite batches over the val split; every sample once across ranks; a rank may get none."""
     assert 0 <= rank < world_size, f"rank {rank} outside world_size {world_size}"
-    mine = resolve_shards(cfg.val_shards, root)[rank::world_size]
+    mine = resolve_shards(cfg.val_shards, root, cfg.storage)[rank::world_size]
     stream = EvalStream(cfg, mine, tokenizer_path)
     return DataLoader(stream, batch_size=None, num_workers=min(cfg.num_workers, len(mine)),
                       collate_fn=_identity, in_order=True, generator=torch.Generator().manual_seed(cfg.seed))

@@ -28,6 +28,7 @@ def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
     cfg = load_config(f, ["train.lr=0.5", "model.video.dims=[8,16,16,16]"])
     assert cfg.train.steps == 7 and cfg.train.lr == 0.5 and cfg.model.video.dims == [8, 16, 16, 16]
     assert cfg.train.warmup_steps == Config().train.warmup_steps
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads this as a string
 
 
 def test_unknown_key_is_named_with_a_suggestion():

@@ -1,6 +1,7 @@
 """End to end: the real `deepspeed` launcher, 2 CPU ranks on gloo, ZeRO-2, save, resume, evaluate."""
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -24,16 +25,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir, data, steps, *extra, resume=False, config="demo.yaml", expect=0):
+def launch(run_dir, data, steps, *extra, resume=False, config="demo.yaml", expect=0, extra_args=(), nproc=2,
+           file_size_limit_kb=None):
+    """pretrain/run.py under the real deepspeed launcher with the tiny model; asserts the exit code."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "pretrain" / "run.py"),
-           "--config", str(REPO / "pretrain" / "configs" / config), "--run-dir", str(run_dir)]
+    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(REPO / "pretrain" / "run.py"),
+           "--config", str(REPO / "pretrain" / "configs" / config), "--run-dir", str(run_dir), *extra_args]
     cmd += ["--resume"] if resume else []
     cmd += TINY + [f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"train.steps={steps}", *extra]
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == expect, f"deepspeed failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+    def limit():  # a file-size limit makes writes past it fail like a full disk (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit_kb * 1024,) * 2)
+
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                          preexec_fn=limit if file_size_limit_kb else None)
+    assert proc.returncode == expect, f"deepspeed exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
