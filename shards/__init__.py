@@ -1,13 +1,14 @@
-"""Data for long-form video-language pretraining, as WebDataset tar shards.
+"""Data for long-form video-language pretraining, as WebDataset tar shards (the format: shards/FORMAT.md).
 
-- `shards.synth`: a synthetic generator (moving, occluding coloured shapes with one sentence per event).
-- `shards.video`: in-memory MP4 encode/decode with PyAV.
-- `shards.loader`: the streaming train loader (exactly resumable) and the eval loader.
+Writing:
+- `shards.synth`: the synthetic corpus (moving, occluding coloured shapes, one sentence per event).
+- `shards.adapters`: ActivityNet Captions / DiDeMo / QuerYD / CSV annotations -> manifests (`shards.manifest`).
+- `shards.build`: manifest -> shards, copying or re-encoding (`shards.transcode`), optional depth (`shards.depth`).
+- `shards.verify`, `shards.stats`: check and count a shard set.
+Reading:
+- `shards.loader`: the exactly resumable train stream and the eval pass; `shards.sampling` picks the
+  clips, `shards.video` seeks and decodes only their frames, `shards.transforms` crops and flips.
+Shared: `shards.format` (keys, members, index.json), `shards.storage` (local folders and s3:// with retries).
 
-Shard layout, one sample per video: KEY.mp4, KEY.json {"id", "duration", "fps",
-"sentences": [{"text", "start", "end"}], "source"}, optional KEY.depth.npz (array "depth",
-(T, H, W) float16). Keys have no dots. A split folder holds NAME-%06d.tar and an index.json
-{"shards", "counts", "num_samples", "total_duration", "settings"} written last.
-
-Command line: `python -m shards --help`.
+Command line: `python -m shards --help` (synth, manifest, build, verify, stats).
 """

@@ -10,18 +10,16 @@ Letters: T frames, S frame size (S x S).
 """
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
-import tarfile
-import zipfile
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
 from tqdm import tqdm
 
+from shards.format import npz_bytes, write_tar
 from shards.video import encode_mp4, video_codec
 
 COLOURS = {  # RGB, far apart so a pixel's nearest colour names its object
@@ -33,7 +31,6 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows down
 SPLITS = {"train": 0, "val": 1}  # the second word of each video's seed: disjoint streams per split
 GOP = 8
-FIXED_MTIME = 0  # tar members and zip entries carry fixed times so reruns are byte-identical
 
 
 @dataclass(frozen=True)
@@ -167,18 +164,6 @@ def video_key(split: str, index: int) -> str:
     return f"synth_{split}_{index:06d}"  # no dots: webdataset splits keys at the first dot
 
 
-def npz_bytes(**arrays: np.ndarray) -> bytes:
-    """np.savez_compressed layout, but with fixed zip entry times (numpy stamps the wall clock)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def make_sample(index: int, seed: int, split: str, settings: SynthSettings) -> dict[str, bytes]:
     """One video as tar members {"KEY.mp4": ..., "KEY.json": ..., "KEY.depth.npz": ...}."""
     key = video_key(split, index)
@@ -197,18 +182,6 @@ def make_sample(index: int, seed: int, split: str, settings: SynthSettings) -> d
         f"{key}.json": json.dumps(meta).encode("utf-8"),
         f"{key}.depth.npz": npz_bytes(depth=depth),
     }
-
-
-def write_tar(path: str, members: dict[str, bytes]) -> None:
-    """Write members in order under a temporary name, then rename: readers never see half a tar."""
-    tmp = f"{path}.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o644
-            info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
-            tf.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def write_split(out_dir: str, split: str, num_videos: int, seed: int, settings: SynthSettings,

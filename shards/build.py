@@ -1,0 +1,354 @@
+"""`python -m shards build --manifest FILE.jsonl --out DIR_OR_S3_URL`: videos + sentences -> shards.
+
+The manifest (shards/manifest.py) lists videos with timed sentences. Worker processes prepare
+samples (fetch, copy or re-encode, optional depth) in manifest order; the main process packs
+them into NAME-%06d.tar, closing a shard at --per-shard samples or before it
+would pass --max-shard-bytes. Each tar is written under a temporary name and renamed (or uploaded,
+which S3 shows only once complete); then a line goes into build.jsonl (the journal: which records
+each shard holds, which were skipped and why). A re-run reads the journal and continues after the
+last finished shard; index.json is written last. A video that cannot be used is skipped and
+reported, never fatal; a malformed manifest line stops the build before any work.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+from tqdm import tqdm
+
+from shards import format as fmt
+from shards.manifest import clip_sentences, read_manifest
+from shards.storage import Storage, is_url, join
+from shards.transcode import store
+from shards.video import EmptyVideoError
+
+log = logging.getLogger("shards")
+JOURNAL = "build.jsonl"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    name: str = "shard"  # shards are NAME-000000.tar
+    per_shard: int = 0  # samples per shard; 0 = no limit
+    max_shard_bytes: int = 1_000_000_000  # a shard closes before it would pass this (one huge sample still fits)
+    fps: float | None = None  # re-encode to this frame rate; None = keep
+    short_side: int | None = None  # re-encode so the short side is at most this; None = keep
+    gop_seconds: float = 1.0  # keyframe interval of re-encoded video: the reader's seek granularity
+    crf: int = 23  # libx264 quality of re-encoded video
+    depth_model: str | None = None  # local transformers depth-estimation folder; None = no depth
+    depth_size: int = 64  # short side of the stored depth maps
+
+    def __post_init__(self):
+        if not self.name or any(c in self.name for c in "./{}"):
+            raise ValueError(f"--name must be non-empty without '.', '/', braces, got {self.name!r}")
+        if self.per_shard < 0 or self.max_shard_bytes < 1:
+            raise ValueError("--per-shard must be >= 0 and --max-shard-bytes >= 1")
+        for name in ("fps", "short_side", "gop_seconds", "depth_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+@dataclass
+class Prepared:
+    """One manifest record after the worker: a sample ready to pack, or the reason it was skipped."""
+    line: int
+    id: str
+    key: str = ""
+    meta: dict = field(default_factory=dict)
+    video: str = ""  # local file holding the MP4
+    video_is_temp: bool = False
+    depth: str = ""  # local .npz file, or ""
+    meta_bytes: bytes = b""
+    reason: str = ""  # set when skipped
+    detail: str = ""
+
+
+# ---- one sample (in a worker process) ----------------------------------------------------------
+
+
+def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: Storage, threads: int) -> Prepared:
+    line, record = item
+    out = Prepared(line=line, id=record["id"], key=record["key"])
+    fetched = ""
+    try:
+        src = record["video"]
+        if is_url(src):
+            fetched = src = _fetch(src, tmp, storage)
+        if not os.path.isfile(src):
+            return _skip(out, "missing_video", src)
+        if os.path.getsize(src) == 0:
+            return _skip(out, "zero_length_video", src)
+        out.video, out.video_is_temp = os.path.join(tmp, f"{out.key}.mp4"), True
+        depth = None
+        if settings.depth_model:
+            from shards.depth import DepthMaps
+
+            depth = DepthMaps(settings.depth_model, settings.depth_size)
+        try:
+            how, p = store(src, out.video, settings.fps, settings.short_side, settings.gop_seconds, settings.crf,
+                           threads, on_frame=depth.add if depth else None)
+        except EmptyVideoError as e:
+            return _skip(out, "zero_length_video", str(e))
+        except Exception as e:  # PyAV raises many types on corrupt input
+            return _skip(out, "bad_video", repr(e))
+        if p.num_frames == 0 or p.fps <= 0:
+            return _skip(out, "zero_length_video", f"{p.num_frames} frames at {p.fps} fps")
+        sentences, dropped = clip_sentences(record["sentences"], p.duration)
+        if not sentences:
+            return _skip(out, "no_sentences_in_video", f"{len(record['sentences'])} sentences, duration {p.duration:.2f}s")
+        if depth is not None:
+            out.depth = os.path.join(tmp, f"{out.key}.depth.npz")
+            with open(out.depth, "wb") as f:
+                f.write(fmt.npz_bytes(depth=depth.result()))
+        out.meta = {"id": record["id"], "duration": p.duration, "fps": p.fps, "num_frames": p.num_frames,
+                    "width": p.width, "height": p.height, "sentences": sentences,
+                    "source": record["source"],
+                    "build": {"video": how, "codec": p.codec, "sentences_dropped": dropped,
+                              "depth_model": os.path.basename(settings.depth_model.rstrip("/")) if depth else None}}
+        return out
+    finally:
+        if fetched and os.path.exists(fetched):
+            os.remove(fetched)
+
+
+def _skip(out: Prepared, reason: str, detail: str) -> Prepared:
+    if out.video_is_temp and os.path.exists(out.video):
+        os.remove(out.video)
+    out.reason, out.detail, out.video, out.video_is_temp = reason, detail, "", False
+    return out
+
+
+def _fetch(url: str, tmp: str, storage: Storage) -> str:
+    local = os.path.join(tmp, "fetch-" + hashlib.sha256(url.encode()).hexdigest()[:16])
+    if not storage.exists(url):
+        return local + ".missing"
+    with storage.open(url) as fin, open(local, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 22)
+    return local
+
+
+# ---- packing (main process) ----------------------------------------------------------------------
+
+
+class Packer:
+    """Collects prepared samples into the current shard; `flush` writes it and journals it."""
+
+    def __init__(self, out: str, settings: BuildSettings, storage: Storage, journal: "Journal", next_shard: int,
+                 tmp: str):
+        self.out, self.settings, self.storage, self.journal = out, settings, storage, journal
+        self.shard, self.tmp = next_shard, tmp
+        self.samples: list[Prepared] = []
+        self.sizes: list[int] = []
+        self.skipped: list[dict] = []
+
+    def add(self, p: Prepared, cursor: int) -> None:
+        if p.reason:
+            log.warning("skipped %s (line %d): %s %s", p.id, p.line, p.reason, p.detail)
+            self.skipped.append({"line": p.line, "id": p.id, "reason": p.reason, "detail": p.detail})
+            return
+        p.meta_bytes = json.dumps(p.meta).encode("utf-8")
+        sizes = [os.path.getsize(p.video), len(p.meta_bytes)] + ([os.path.getsize(p.depth)] if p.depth else [])
+        full = self.settings.per_shard and len(self.samples) >= self.settings.per_shard
+        if self.samples and (full or fmt.tar_size(self.sizes + sizes) > self.settings.max_shard_bytes):
+            self.flush(cursor)
+        self.samples.append(p)
+        self.sizes += sizes
+
+    def flush(self, cursor: int, final: bool = False) -> None:
+        """Write the current shard (if any), then journal it with the records up to `cursor`."""
+        entry: dict = {"records_end": cursor, "skipped": self.skipped}
+        if self.samples:
+            name = f"{self.settings.name}-{self.shard:06d}.tar"
+            members: dict = {}
+            for p in self.samples:
+                members[f"{p.key}.mp4"] = p.video
+                members[f"{p.key}.json"] = p.meta_bytes
+                if p.depth:
+                    members[f"{p.key}.depth.npz"] = p.depth
+            local = join(self.out, name) if not is_url(self.out) else os.path.join(self.tmp, name)
+            fmt.write_tar(local, members)
+            size = os.path.getsize(local)
+            if is_url(self.out):
+                self.storage.put_file(local, join(self.out, name))
+            entry |= {"shard": name, "count": len(self.samples), "bytes": size,
+                      "duration": sum(p.meta["duration"] for p in self.samples),
+                      "sentences": sum(len(p.meta["sentences"]) for p in self.samples)}
+            for p in self.samples:
+                for path in (p.video if p.video_is_temp else "", p.depth):
+                    if path:
+                        os.remove(path)
+            self.shard += 1
+        if self.samples or self.skipped or final:
+            self.journal.append(entry | ({"done": True} if final else {}))
+        self.samples, self.sizes, self.skipped = [], [], []
+
+
+class Journal:
+    """build.jsonl: a header line, then one line per finished shard; rewritten whole (object stores cannot append)."""
+
+    def __init__(self, out: str, storage: Storage, header: dict):
+        self.url, self.storage = join(out, JOURNAL), storage
+        self.lines = [{"header": header}]
+        if storage.exists(self.url):
+            old = [json.loads(x) for x in storage.read_bytes(self.url).decode().splitlines() if x.strip()]
+            if old[0].get("header") != header:
+                raise SystemExit(f"{out} holds a build of another manifest or other settings ({self.url}); "
+                                 "build into a new folder, or delete this one first")
+            self.lines = old
+
+    @property
+    def entries(self) -> list[dict]:
+        return self.lines[1:]
+
+    def append(self, entry: dict) -> None:
+        self.lines.append(entry)
+        self.storage.write_bytes(self.url, "".join(json.dumps(x) + "\n" for x in self.lines).encode())
+
+
+def build(manifest: str, out: str, settings: BuildSettings, workers: int = 1, storage: Storage = Storage(),
+          tmp_root: str | None = None, progress: bool = True) -> dict:
+    """Build (or finish building) the shard set; returns its index."""
+    records, digest = read_manifest(manifest, storage)
+    header = {"format": fmt.FORMAT_VERSION, "manifest_sha256": digest, "settings": asdict(settings)}
+    if not is_url(out):
+        os.makedirs(out, exist_ok=True)
+    if not storage.exists(join(out, JOURNAL)) and any(n == fmt.INDEX or n.endswith(".tar")
+                                                      for n in (storage.listdir(out) if storage.isdir(out) else [])):
+        raise SystemExit(f"{out} already holds shards that this builder did not make; choose another --out")
+    journal = Journal(out, storage, header)
+    if journal.entries and journal.entries[-1].get("done") and storage.exists(join(out, fmt.INDEX)):
+        log.info("%s is complete (%s); nothing to do", out, JOURNAL)
+        return fmt.read_index(out, storage)
+    _drop_stale_temp_files(out)
+    shards = [e for e in journal.entries if "shard" in e]
+    existing = set(storage.listdir(out)) if storage.isdir(out) else set()
+    missing = [e["shard"] for e in shards if e["shard"] not in existing]
+    if missing:
+        raise SystemExit(f"{JOURNAL} lists {missing[0]} but it is gone from {out}; delete the folder and rebuild")
+    cursor = journal.entries[-1]["records_end"] if journal.entries else 0
+    if cursor:
+        log.info("resuming after %d finished shards (%d of %d records done)", len(shards), cursor, len(records))
+    tmp = tempfile.mkdtemp(prefix="shards-build-", dir=tmp_root)
+    try:
+        packer = Packer(out, settings, storage, journal, len(shards), tmp)
+        threads = 0 if workers <= 1 else 1  # one process: let the codecs use every core
+        job = partial(prepare, settings=settings, tmp=tmp, storage=storage, threads=threads)
+        todo = list(enumerate(records[cursor:], start=cursor + 1))  # (line number, record)
+        bar = tqdm(total=len(records), initial=cursor, desc=f"build {settings.name}", unit="video",
+                   disable=not progress, dynamic_ncols=True)
+        skipped = sum(len(e["skipped"]) for e in journal.entries)
+        with _pool(workers) as pool:
+            for n, prepared in enumerate(pool(job, todo), start=cursor):
+                packer.add(prepared, cursor=n)
+                skipped += bool(prepared.reason)
+                bar.update(1)
+                bar.set_postfix(shards=packer.shard, skipped=skipped)
+        packer.flush(len(records), final=True)
+        bar.set_postfix(shards=packer.shard, skipped=skipped)
+        bar.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    index = make_index(journal, settings, digest, manifest)
+    fmt.write_index(out, index, storage)
+    return index
+
+
+def make_index(journal: Journal, settings: BuildSettings, digest: str, manifest: str) -> dict:
+    shards = [e for e in journal.entries if "shard" in e]
+    skipped: dict[str, int] = {}
+    for e in journal.entries:
+        for s in e["skipped"]:
+            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
+    return {"format": fmt.FORMAT_VERSION, "shards": [e["shard"] for e in shards], "counts": [e["count"] for e in shards],
+            "bytes": [e["bytes"] for e in shards], "num_samples": sum(e["count"] for e in shards),
+            "total_duration": sum(e["duration"] for e in shards), "num_sentences": sum(e["sentences"] for e in shards),
+            "skipped": skipped, "settings": asdict(settings) | {"manifest": manifest, "manifest_sha256": digest}}
+
+
+def _drop_stale_temp_files(out: str) -> None:
+    """Temporary tars of a crashed run (local output only; remote uploads are all-or-nothing)."""
+    if is_url(out):
+        return
+    for name in os.listdir(out):
+        if ".tmp-" in name:
+            os.remove(os.path.join(out, name))
+
+
+class _pool:
+    """Ordered map over worker processes (in-process when workers <= 1), as a context manager."""
+
+    def __init__(self, workers: int):
+        self.workers, self.pool = workers, None
+
+    def __enter__(self):
+        if self.workers <= 1:
+            return map
+        self.pool = multiprocessing.Pool(self.workers, initializer=_worker_init)
+        return lambda fn, items: self.pool.imap(fn, items, chunksize=1)
+
+    def __exit__(self, exc_type, *exc):
+        if self.pool is not None:
+            self.pool.close() if exc_type is None else self.pool.terminate()
+            self.pool.join()
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # processes are the parallelism (and OpenMP after fork must not spawn threads)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def parse_bytes(text: str) -> int:
+    """"500MB" / "1.5GB" / "2e9" / "1GiB" -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    number = t.rstrip("KMGTIB")
+    unit = t[len(number):]
+    if unit not in units:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; e.g. 500MB, 1GB, 2e9")
+    return int(float(number) * units[unit])
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("build", help="write shards from a manifest of videos and timed sentences",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="JSON lines: id, video, sentences (see FORMAT.md)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    d = BuildSettings()
+    p.add_argument("--name", default=None, help="shard name prefix (default: the manifest's file name)")
+    p.add_argument("--per-shard", type=int, default=d.per_shard, help="samples per shard (0 = limited by bytes only)")
+    p.add_argument("--max-shard-bytes", type=parse_bytes, default=d.max_shard_bytes, help="e.g. 500MB, 1GB")
+    p.add_argument("--fps", type=float, default=None, help="re-encode to this frame rate (default: copy)")
+    p.add_argument("--short-side", type=int, default=None, help="re-encode with this short side at most")
+    p.add_argument("--gop-seconds", type=float, default=d.gop_seconds, help="keyframe interval when re-encoding")
+    p.add_argument("--crf", type=int, default=d.crf, help="libx264 quality when re-encoding")
+    p.add_argument("--depth-model", default=None, help="local transformers depth-estimation folder")
+    p.add_argument("--depth-size", type=int, default=d.depth_size, help="short side of the depth maps")
+    p.add_argument("--workers", type=int, default=1, help="processes preparing videos")
+    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL[_S3] or AWS)")
+    p.add_argument("--tmp-dir", default=None, help="local scratch space for re-encoded videos")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    name = args.name or os.path.splitext(os.path.basename(args.manifest.rstrip("/")))[0].replace(".", "_")
+    settings = BuildSettings(name=name, per_shard=args.per_shard, max_shard_bytes=args.max_shard_bytes, fps=args.fps,
+                             short_side=args.short_side, gop_seconds=args.gop_seconds, crf=args.crf,
+                             depth_model=os.path.abspath(args.depth_model) if args.depth_model else None,
+                             depth_size=args.depth_size)
+    index = build(args.manifest, args.out, settings, args.workers, Storage(args.s3_endpoint), args.tmp_dir)
+    print(f"{args.out}: {index['num_samples']} samples in {len(index['shards'])} shards, "
+          f"{index['total_duration'] / 3600:.2f} h; skipped: {index['skipped'] or 'none'}")
+    return 0 if index["num_samples"] else 1

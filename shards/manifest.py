@@ -1,0 +1,72 @@
+"""Build manifests: JSON lines, one video each, read and checked before any work starts.
+
+    {"id": "v_QOlSCBRmfWY", "video": "/data/anet/v_QOlSCBRmfWY.mp4", "source": "activitynet/train.json",
+     "sentences": [{"text": "A young woman is seen standing in a room ...", "start": 0.83, "end": 19.86}, ...]}
+
+"video" is a local path (absolute, or relative to the manifest's folder) or a URL; "source" is
+optional (default: the manifest's file name). `python -m shards manifest` (shards/adapters.py)
+writes manifests from public annotation files.
+"""
+
+import hashlib
+import json
+import math
+import os
+
+from shards import format as fmt
+from shards.storage import Storage, is_url, join
+
+
+def read_manifest(path: str, storage: Storage = Storage()) -> tuple[list[dict], str]:
+    """-> (records with "key" added and "video" resolved, sha256 of the file). Raises ValueError
+    naming the first bad lines: an id, a video and a list of sentences are required; keys are unique."""
+    data = storage.read_bytes(path)
+    base = path.rpartition("/")[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
+    records, errors, seen = [], [], {}
+    for n, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_check_record(json.loads(line), base, source=os.path.basename(path)))
+        except (ValueError, TypeError, KeyError) as e:
+            errors.append(f"line {n}: {e}")
+            continue
+        key = records[-1]["key"]
+        if key in seen:
+            errors.append(f"line {n}: id {records[-1]['id']!r} gives key {key!r}, as line {seen[key]} does")
+        seen[key] = n
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError(f"{path}: bad manifest records:\n  " + "\n  ".join(errors[:5]) + more)
+    if not records:
+        raise ValueError(f"{path}: the manifest has no records")
+    return records, hashlib.sha256(data).hexdigest()
+
+
+def _check_record(record, base: str, source: str) -> dict:
+    if not isinstance(record, dict):
+        raise TypeError("a record must be a JSON object")
+    rid, video, sentences = record["id"], record["video"], record["sentences"]
+    if not isinstance(rid, (str, int)) or str(rid) == "":
+        raise ValueError(f"bad id {rid!r}")
+    if not isinstance(video, str) or not video:
+        raise ValueError(f"bad video {video!r}")
+    if not isinstance(sentences, list):
+        raise TypeError("sentences must be a list")
+    for s in sentences:
+        if not isinstance(s.get("text"), str) or not all(isinstance(s.get(k), (int, float)) for k in ("start", "end")):
+            raise ValueError(f"a sentence needs text (string), start and end (seconds): {s!r}")
+    if not (is_url(video) or os.path.isabs(video)):
+        video = join(base, video)
+    return {"source": source} | record | {"id": str(rid), "video": video, "key": fmt.sample_key(str(rid))}
+
+
+def clip_sentences(sentences: list[dict], duration: float) -> tuple[list[dict], int]:
+    """Clip spans into [0, duration]; drop empty or reversed ones -> (kept, dropped)."""
+    kept = []
+    for s in sentences:
+        start, end = max(0.0, float(s["start"])), min(duration, float(s["end"]))
+        text = s["text"].strip()
+        if text and math.isfinite(start) and math.isfinite(end) and end > start:
+            kept.append({"text": text, "start": start, "end": end})
+    return kept, len(sentences) - len(kept)

@@ -1,0 +1,120 @@
+"""Turn a source video file into the shard's MP4: copy, remux, or re-encode to a target fps and size.
+
+- copy: an MP4/MOV source is stored byte for byte (audio and all).
+- remux: another container (MKV, WebM, AVI, ...) has its video packets moved into MP4, no re-encode;
+  a codec MP4 cannot hold falls back to re-encoding at the source frame rate.
+- re-encode: H.264 (libx264, else MPEG-4 Part 2) at `fps` (frames picked by time: the frame on
+  screen at each output tick), short side scaled down to `short_side`, a keyframe every
+  `gop_seconds`, no audio. Frames stream through; a long video is never held in memory.
+"""
+
+from fractions import Fraction
+from typing import Callable
+
+import av
+import numpy as np
+from av.video.frame import PictureType
+
+from shards.video import EmptyVideoError, Probe, probe, video_codec
+
+EPS = 1e-6
+MP4_FAMILY = "mov,mp4,m4a,3gp,3g2,mj2"
+
+
+def store(src: str, dst: str, fps: float | None = None, short_side: int | None = None, gop_seconds: float = 1.0,
+          crf: int = 23, threads: int = 1, on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[str, Probe]:
+    """Write `src` as an MP4 at `dst` -> (how: "copy" | "remux" | "reencode", probe of dst).
+
+    Re-encodes when fps or short_side is set, or when `on_frame` (called with each stored frame as
+    (H, W, 3) uint8 RGB, e.g. for depth) needs the frames anyway.
+    """
+    source = probe(src)
+    if source.num_frames == 0:
+        raise EmptyVideoError("the video stream has no frames")
+    if fps is None and short_side is None and on_frame is None:
+        if source.container == MP4_FAMILY:
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                while chunk := fin.read(1 << 22):
+                    fout.write(chunk)
+            return "copy", source
+        try:
+            remux(src, dst)
+            stored = probe(dst)
+            if stored.num_frames == source.num_frames:
+                return "remux", stored
+        except (av.FFmpegError, ValueError):
+            pass  # e.g. a codec the MP4 muxer refuses: re-encode at the source rate
+    reencode(src, dst, fps, short_side, gop_seconds, crf, threads, on_frame)
+    return "reencode", probe(dst)
+
+
+def remux(src: str, dst: str) -> None:
+    """Video packets of `src` into an MP4 at `dst`, untouched."""
+    with av.open(src) as fin, av.open(dst, "w", format="mp4") as fout:
+        stream = fin.streams.video[0]
+        out = fout.add_stream_from_template(stream)
+        for packet in fin.demux(stream):
+            if packet.size == 0:  # the demuxer's flush packet (Matroska B-frame packets may lack a dts: keep them)
+                continue
+            packet.stream = out
+            fout.mux(packet)
+
+
+def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """Scale so the short side is at most `short_side` (never up), both sides even (yuv420p)."""
+    scale = min(1.0, short_side / min(width, height)) if short_side else 1.0
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def reencode(src: str, dst: str, fps: float | None, short_side: int | None, gop_seconds: float, crf: int,
+             threads: int, on_frame: Callable[[np.ndarray], None] | None) -> int:
+    """Decode, resample in time, scale, encode -> frames written."""
+    with av.open(src) as fin, av.open(dst, "w", format="mp4") as fout:
+        stream = fin.streams.video[0]
+        stream.thread_type, stream.codec_context.thread_count = "AUTO", threads
+        source_rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(source_rate).limit_denominator(1001)
+        ctx = stream.codec_context
+        width, height = output_size(ctx.width, ctx.height, short_side)
+        out = fout.add_stream(video_codec(), rate=rate)
+        out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+        out.codec_context.thread_count = threads
+        keyint = max(1, round(gop_seconds * rate))
+        out.codec_context.gop_size = keyint
+        if out.codec_context.name == "libx264":
+            out.options = {"preset": "veryfast", "crf": str(crf), "x264-params": f"keyint={keyint}:min-keyint={keyint}"}
+        else:
+            out.codec_context.bit_rate = 2_000_000
+
+        written = 0
+
+        def emit(frame: av.VideoFrame) -> None:
+            nonlocal written
+            small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            small.pts, small.time_base = written, 1 / rate
+            small.pict_type = PictureType.NONE  # the encoder picks frame types, not the source's I/P/B
+            if on_frame is not None:
+                on_frame(small.to_ndarray(format="rgb24"))
+            fout.mux(out.encode(small))
+            written += 1
+
+        resample = fps is not None
+        origin, tb = stream.start_time or 0, float(stream.time_base)
+        current, current_t = None, 0.0
+        for frame in fin.decode(stream):
+            t = (frame.pts - origin) * tb if frame.pts is not None else current_t + 1 / float(source_rate)
+            if not resample:
+                emit(frame)
+                continue
+            while current is not None and written / rate < t - EPS:  # ticks before this frame show the current one
+                emit(current)
+            if current is None:
+                while written / rate < t - EPS:  # ticks before the first frame show the first frame
+                    emit(frame)
+            current, current_t = frame, t
+        if resample and current is not None:
+            end = current_t + 1 / float(source_rate)  # the last frame stays on screen one source frame
+            while written / rate < end - EPS:
+                emit(current)
+        fout.mux(out.encode())  # flush
+    return written
