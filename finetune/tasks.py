@@ -64,20 +64,24 @@ class Task:
     def __init__(self, cfg: FinetuneConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.train_labels, self.val_labels = split_labels(cfg, "train"), split_labels(cfg, "val")
+        self.device = torch.device("cpu")  # where the model is; run() sets it to the accelerator's device
+
+    def to(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
 
     @property
     def tokenizer(self):
         return get_tokenizer(self.cfg.model.text.resolved_path())
 
     def video_inputs(self, batch: dict) -> dict:
-        out = {"video": batch["video"], "num_clips": self.cfg.data.num_clips}
+        out = {"video": self.to(batch["video"]), "num_clips": self.cfg.data.num_clips}
         if "depth" in batch:
-            out["depth"] = batch["depth"]
+            out["depth"] = self.to(batch["depth"])
         return out
 
     def tokens(self, texts: list[str], max_len: int, pairs: list[str] | None = None):
         t = self.tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        return t["input_ids"].long(), t["attention_mask"].long()
+        return self.to(t["input_ids"].long()), self.to(t["attention_mask"].long())
 
 
 # ---- paragraph-to-video retrieval --------------------------------------------------------------
@@ -98,7 +102,7 @@ class RetrievalTask(Task):
     def query(self, batch: dict, labels: SplitLabels) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, L) paragraph tokens: the sampled clips' sentences, or every sentence in M groups."""
         if self.cfg.task.query == "clips":
-            return batch["input_ids"], batch["attention_mask"]
+            return self.to(batch["input_ids"]), self.to(batch["attention_mask"])
         M, L = self.cfg.data.num_clips, self.cfg.task.query_words
         groups = [g for meta in labels.of_batch(batch) for g in paragraph_groups([s["text"] for s in meta["sentences"]], M)]
         ids, mask = self.tokens(groups, L)
@@ -112,9 +116,10 @@ class RetrievalTask(Task):
     def evaluate(self, model: TaskModel) -> dict:
         backbone, local = model.backbone, {}
         for batch in eval_batches(self.cfg):
-            _, v = backbone.encode_video(batch["video"], self.cfg.data.num_clips, batch.get("depth"))  # (b, E)
+            vin = self.video_inputs(batch)
+            _, v = backbone.encode_video(vin["video"], vin["num_clips"], vin.get("depth"))  # (b, E)
             _, p = backbone.encode_text(*self.query(batch, self.val_labels))  # (b, E)
-            local.update({k: (vi.float(), pi.float()) for k, vi, pi in zip(batch["key"], v, p)})
+            local.update({k: (vi.float().cpu(), pi.float().cpu()) for k, vi, pi in zip(batch["key"], v, p)})
         merged = merge_ranks(local)
         if not merged:
             raise RuntimeError(f"the evaluation split {self.cfg.data.val_shards} yielded no samples")
@@ -165,7 +170,7 @@ class MultipleChoiceTask(Task):
         template = next((q for q in items if q is not None), {"question": "", "choices": ["", ""], "answer": 0})
         labels = [int(q["answer"]) if q is not None else -100 for q in items]  # no question: no loss
         ids, mask = self.question_tokens([q if q is not None else template for q in items])
-        return self.video_inputs(batch) | {"qa_ids": ids, "qa_mask": mask, "labels": torch.tensor(labels)}
+        return self.video_inputs(batch) | {"qa_ids": ids, "qa_mask": mask, "labels": self.to(torch.tensor(labels))}
 
     @torch.no_grad()
     def evaluate(self, model: TaskModel) -> dict:
@@ -223,7 +228,7 @@ class OpenQATask(Task):
             questions.append(q["question"])
             labels.append(self.index.get(normalise_answer(q["answer"]), -100))
         ids, mask = self.tokens(questions, self.cfg.task.question_words)
-        return self.video_inputs(batch) | {"qa_ids": ids, "qa_mask": mask, "labels": torch.tensor(labels)}
+        return self.video_inputs(batch) | {"qa_ids": ids, "qa_mask": mask, "labels": self.to(torch.tensor(labels))}
 
     @torch.no_grad()
     def evaluate(self, model: TaskModel) -> dict:
@@ -284,7 +289,7 @@ class CaptionTask(Task):
             ids = self.vocab.encode(options[int(rng.integers(len(options)))], W)  # words + <eos>
             caption_in[b, : len(ids)] = torch.tensor([WordVocab.BOS] + ids[:-1])
             caption_out[b, : len(ids)] = torch.tensor(ids)
-        return self.video_inputs(batch) | {"caption_in": caption_in, "caption_out": caption_out}
+        return self.video_inputs(batch) | {"caption_in": self.to(caption_in), "caption_out": self.to(caption_out)}
 
     @torch.no_grad()
     def evaluate(self, model: TaskModel) -> dict:

@@ -293,7 +293,8 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None,
         save_finetune_config(cfg, run_dir / "config.yaml")
     dist_utils.barrier()
     task = TASKS[cfg.task.name](cfg, run_dir)
-    model = build_model(cfg, task)
+    task.device = accelerator.device
+    model = build_model(cfg, task).to(accelerator.device)  # prepare() would move it too, after the zero-shot pass
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())["results"] if resume and results_path.exists() else {}
     if cfg.task.name == "zeroshot":

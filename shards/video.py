@@ -12,6 +12,7 @@ import bisect
 import functools
 import io
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
@@ -131,15 +132,17 @@ def decode_at_times(source: bytes | str, times: Sequence[float], counts: dict | 
     return np.stack([rgb[t] for t in times])
 
 
-@functools.cache
-def _rgb_reformatter() -> VideoReformatter:
-    return VideoReformatter()  # one per process: it keeps its swscale context between frames
+_reformatter: tuple[int, VideoReformatter] | None = None  # (pid, reformatter)
 
 
 def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """(H, W, 3) uint8; the same pixels as frame.to_ndarray(format="rgb24"), which builds a new
-    swscale context per call (15x slower for 384x216 frames)."""
-    return _rgb_reformatter().reformat(frame, format="rgb24").to_ndarray()
+    swscale context per call (15x slower for 384x216 frames). The reuse is per process: a context
+    inherited through fork (DataLoader workers) would wait forever on its parent's threads."""
+    global _reformatter
+    if _reformatter is None or _reformatter[0] != os.getpid():
+        _reformatter = (os.getpid(), VideoReformatter())
+    return _reformatter[1].reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
 class _Reader:

@@ -1,6 +1,7 @@
 """End to end: finetune/run.py on synthetic shards built here, with the tiny model.
 
-- every shipped config loads; every recipe's *_debug variant trains and evaluates;
+- every shipped config loads; every recipe's *_debug variant trains and evaluates; labels can come
+  from a manifest joined on the sample key;
 - finetuning beats its zero-shot starting point (retrieval on held-out videos);
 - the zero-shot task scores a saved model exactly as pretraining's evaluation does;
 - SIGUSR1 saves and exits 3, --resume continues with the same losses as an uninterrupted run;
@@ -100,6 +101,22 @@ def test_recipe_runs_end_to_end(config, data, tmp_path):
         assert after["num_videos"] == 8 and {"BLEU4", "CIDEr"} <= set(after) and len(after["examples"]) == 5
     else:  # QA: every question of the 8 val videos is scored
         assert after["num_questions"] >= 8 and 0 <= after["accuracy"] <= 100
+
+
+def test_labels_from_a_manifest_joined_on_the_sample_key(data, tmp_path):
+    """The real-data path: labels in a finetune.adapters-style manifest (task.train_labels / val_labels),
+    joined to the shards' samples by key; every val question is scored."""
+    for split, n in (("train", 16), ("val", 8)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                qa = [{"question": f"is this video number {i}?", "choices": ["yes", "no", "maybe"], "answer": i % 3}]
+                qa += [{"question": "how many shapes move?", "choices": ["one", "four", "none"], "answer": 1}] * (i % 2)
+                f.write(json.dumps({"id": f"synth_{split}_{i:06d}", "video": "x.mp4", "sentences": [], "qa": qa}) + "\n")
+    run_dir = tmp_path / "run"
+    assert main(args("how2qa_debug.yaml", run_dir, data, "task.labels=meta", f"task.train_labels={tmp_path / 'train.jsonl'}",
+                     f"task.val_labels={tmp_path / 'val.jsonl'}", "train.steps=2", "task.eval_before=false")) == 0
+    after = results(run_dir)["results"]["after"]
+    assert after["num_questions"] == 8 + 4 and after["chance"] == pytest.approx(100 / 3)
 
 
 # ---- finetuned vs zero-shot ----------------------------------------------------------------------
