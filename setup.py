@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Pretraining long-form video-language models on WebDataset shards with DeepSpeed ZeRO",
     packages=find_packages(include=["shards", "shards.*", "pretrain", "pretrain.*", "finetune", "finetune.*"]),
-    package_data={"pretrain": ["configs/*.yaml"]},
+    package_data={"pretrain": ["configs/*.yaml"], "finetune": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is a range on purpose: install the build you want first (CPU: torch==2.13.0,
