@@ -158,7 +158,7 @@ def test_reads_resume_after_dropped_connections(endpoint, tmp_path, caplog):
     # storage layer's own retry (reopen at the byte offset, back off) has to carry the read
     proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), cuts=8, after=100_000)
     try:
-        flaky = Storage(endpoint=f"http://127.0.0.1:{proxy.port}", backoff_s=0.01)
+        flaky = Storage(endpoint=f"http://127.0.0.1:{proxy.port}", retries=12, backoff_s=0.01)  # more than the cuts
         with caplog.at_level("WARNING", logger="shards"):
             (sample,) = list(read_tar(url, flaky))
         assert sample["mp4"] == big["big.mp4"] and sample["json"] == big["big.json"]
