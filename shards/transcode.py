@@ -8,6 +8,7 @@
   `gop_seconds`, no audio. Frames stream through; a long video is never held in memory.
 """
 
+import shutil
 from fractions import Fraction
 from typing import Callable
 
@@ -33,9 +34,7 @@ def store(src: str, dst: str, fps: float | None = None, short_side: int | None =
         raise EmptyVideoError("the video stream has no frames")
     if fps is None and short_side is None and on_frame is None:
         if source.container == MP4_FAMILY:
-            with open(src, "rb") as fin, open(dst, "wb") as fout:
-                while chunk := fin.read(1 << 22):
-                    fout.write(chunk)
+            shutil.copyfile(src, dst)
             return "copy", source
         try:
             remux(src, dst)
