@@ -21,6 +21,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pretrain.ops  # compile DeepSpeed's CPU ops once, before parallel launches wait on them
 	touch $@
 
 data: $(DATA)/val/index.json

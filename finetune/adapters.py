@@ -5,7 +5,8 @@
 A manifest line is what `python -m shards build` reads ({"id", "video", "sentences", "source"})
 plus the task's label fields, "qa" or "captions" (see finetune/labels.py). Give the same manifest
 to the finetune config as task.train_labels / task.val_labels: the labels are joined on the sample
-key. (shards/build.py does not copy extra manifest fields into KEY.json yet.)
+key. shards/build.py also copies the label fields into each sample's KEY.json, so the shards carry
+their labels with them.
 Sentences only steer which moments become clips; where a benchmark has no timed text, the record
 gets spans the loader can sample from. `end` may pass the video's end: the builder clips it.
 The paragraph-retrieval collections (ActivityNet Captions, DiDeMo, QuerYD) are read by

@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 import yaml
 
-from pretrain.config import ConfigError, TrainConfig, from_dict, parse_override, resolve_path, to_dict
+from pretrain.config import ConfigError, TrainConfig, from_dict, parse_override, resolve_path, set_dotted, to_dict
 from pretrain.model import ModelConfig
 from pretrain.video_encoder import preset_values
 from shards.loader import DataConfig
@@ -169,12 +169,7 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = (),
     if init_from:
         inherit_architecture(data, resolve_path(str(init_from)))
     for keys, value in parsed:
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
-        node[keys[-1]] = value
+        set_dotted(data, keys, value)
     video = data.get("model", {}).get("video", {})
     if isinstance(video, dict) and video.get("preset"):
         try:

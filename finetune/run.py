@@ -71,9 +71,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     from finetune.train import run
+    from pretrain.ops import clean_node
     from pretrain.train import check_run_dir
 
     check_run_dir(run_dir, args.resume)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
+        clean_node()
     finished = run(cfg, run_dir, args.resume, args.ds_config, Path(args.config).name)
     return 0 if finished else RESUME_ME
 

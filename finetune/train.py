@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,8 @@ from finetune.tasks import TASKS, Task
 from pretrain import checkpoint, distributed as dist_utils
 from pretrain.config import REPO_ROOT, resolve_path
 from pretrain.model import VideoTextModel
-from pretrain.train import MetricsLog, StopSignal, build_ds_config, build_scheduler as cosine_scheduler, memory_gib
+from pretrain.ops import release_shm_names
+from pretrain.train import MetricsLog, RunState, StopSignal, build_ds_config, build_scheduler as cosine_scheduler, memory_gib
 from shards.loader import build_train_loader
 
 log = logging.getLogger("finetune")
@@ -132,13 +132,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig):
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    samples_seen: int = 0
-    nonfinite_steps: int = 0
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, loader, keep_last: int) -> str:
@@ -292,6 +285,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None,
         run_dir.mkdir(parents=True, exist_ok=True)
         save_finetune_config(cfg, run_dir / "config.yaml")
     dist_utils.barrier()
+    release_shm_names()  # every rank has mapped its peers' all-reduce buffers by now
     task = TASKS[cfg.task.name](cfg, run_dir)
     task.device = accelerator.device
     model = build_model(cfg, task).to(accelerator.device)  # prepare() would move it too, after the zero-shot pass

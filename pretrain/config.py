@@ -151,6 +151,16 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+def set_dotted(data: dict, keys: list[str], value) -> None:
+    """data[k0][k1]...[kn] = value, making sections as needed."""
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults < YAML file < dotted overrides, validated."""
     data: dict = {}
@@ -160,13 +170,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
+        set_dotted(data, *parse_override(item))
     _apply_preset(data)
     return from_dict(Config, data)
 

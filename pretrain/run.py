@@ -63,13 +63,17 @@ def main(argv=None) -> int:
 
     from pretrain import distributed as dist_utils
     from pretrain.evaluate import evaluate_matching, evaluate_retrieval
+    from pretrain.ops import clean_node, release_shm_names
     from pretrain.train import check_run_dir, prepare_run_dir, train
 
     check_run_dir(run_dir, args.resume)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
+        clean_node()
     deepspeed.init_distributed()
     if dist_utils.rank() == 0:
         prepare_run_dir(cfg, run_dir)
     dist_utils.barrier()
+    release_shm_names()  # every rank has mapped its peers' all-reduce buffers by now
     engine, finished = train(cfg, run_dir, args.ds_config, args.resume)
     if finished and cfg.train.eval_at_end:
         evaluate_retrieval(engine.module, cfg, run_dir)

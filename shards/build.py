@@ -24,7 +24,7 @@ from functools import partial
 from tqdm import tqdm
 
 from shards import format as fmt
-from shards.manifest import clip_sentences, read_manifest
+from shards.manifest import NOT_COPIED, clip_sentences, read_manifest
 from shards.storage import Storage, is_url, join
 from shards.transcode import store
 from shards.video import EmptyVideoError
@@ -108,7 +108,8 @@ def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: 
             out.depth = os.path.join(tmp, f"{out.key}.depth.npz")
             with open(out.depth, "wb") as f:
                 f.write(fmt.npz_bytes(depth=depth.result()))
-        out.meta = {"id": record["id"], "duration": p.duration, "fps": p.fps, "num_frames": p.num_frames,
+        extra = {k: v for k, v in record.items() if k not in NOT_COPIED}  # task labels etc., as given
+        out.meta = extra | {"id": record["id"], "duration": p.duration, "fps": p.fps, "num_frames": p.num_frames,
                     "width": p.width, "height": p.height, "sentences": sentences,
                     "source": record["source"],
                     "build": {"video": how, "codec": p.codec, "sentences_dropped": dropped,

@@ -17,6 +17,12 @@ from shards import format as fmt
 from shards.storage import Storage, is_url, join
 
 
+# KEY.json fields the builder measures; a manifest may not set them. Every other field of a record
+# besides id, video and sentences (task labels such as "qa" or "captions", a split) is copied into KEY.json.
+BUILDER_FIELDS = frozenset({"fps", "num_frames", "width", "height", "build", "key"})
+NOT_COPIED = frozenset({"id", "video", "sentences", "source", "key", "duration"})  # the builder writes its own
+
+
 def read_manifest(path: str, storage: Storage = Storage()) -> tuple[list[dict], str]:
     """-> (records with "key" added and "video" resolved, sha256 of the file). Raises ValueError
     naming the first bad lines: an id, a video and a list of sentences are required; keys are unique."""
@@ -53,6 +59,9 @@ def _check_record(record, base: str, source: str) -> dict:
         raise ValueError(f"bad video {video!r}")
     if not isinstance(sentences, list):
         raise TypeError("sentences must be a list")
+    taken = sorted(BUILDER_FIELDS & record.keys())
+    if taken:
+        raise ValueError(f"field(s) {taken} are measured and written by the builder; rename them in the manifest")
     for s in sentences:
         if not isinstance(s.get("text"), str) or not all(isinstance(s.get(k), (int, float)) for k in ("start", "end")):
             raise ValueError(f"a sentence needs text (string), start and end (seconds): {s!r}")

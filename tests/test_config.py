@@ -1,5 +1,4 @@
 """Config loading: precedence, errors that name the key, every shipped config loads."""
-from pathlib import Path
 
 import pytest
 

@@ -10,7 +10,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from finetune.config import load_finetune_config
 from finetune.run import main
+from test_pretrain_e2e import free_port, run_group
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "finetune" / "configs"
@@ -58,12 +58,6 @@ def results(run_dir: Path) -> dict:
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- configs and recipes ----------------------------------------------------------------------------
@@ -206,11 +200,11 @@ def test_accelerate_deepspeed_two_ranks_matches_ddp(data, tmp_path):
     common = ["train.steps=3", "train.save_every=100", "task.eval_before=false", "train.lr=1e-3"]
     ds_dir, ddp_dir = tmp_path / "ds", tmp_path / "ddp"
     accelerate = Path(sys.executable).parent / "accelerate"
-    proc = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--use_deepspeed",
-                           "--deepspeed_config_file", str(REPO / "ds_configs" / "zero2.json"),
-                           str(REPO / "finetune" / "run.py"), *args("anet_retrieval_debug.yaml", ds_dir, data, *common)],
-                          env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_group([str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                      "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--use_deepspeed",
+                      "--deepspeed_config_file", str(REPO / "ds_configs" / "zero2.json"),
+                      str(REPO / "finetune" / "run.py"), *args("anet_retrieval_debug.yaml", ds_dir, data, *common)],
+                     env=ENV, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (ds_dir / "checkpoints" / "step3" / "pytorch_model").is_dir()  # DeepSpeed's sharded checkpoint
     port = str(free_port())

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.model import ModelConfig, VideoTextModel
 from pretrain.text_encoder import HierarchicalTextEncoder, TextEncoderConfig

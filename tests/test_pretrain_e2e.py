@@ -2,6 +2,7 @@
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_group(cmd, timeout, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout the launcher's ranks and their data-loader
+    workers are killed too, instead of living on and loading the machine for the tests after it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {cmd}\n{out[-4000:]}\n{err[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(run_dir, data, steps, *extra, resume=False, config="demo.yaml", expect=0, extra_args=(), nproc=2,
            file_size_limit_kb=None):
     """pretrain/run.py under the real deepspeed launcher with the tiny model; asserts the exit code."""
@@ -39,8 +53,7 @@ def launch(run_dir, data, steps, *extra, resume=False, config="demo.yaml", expec
     def limit():  # a file-size limit makes writes past it fail like a full disk (Python ignores SIGXFSZ)
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit_kb * 1024,) * 2)
 
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                          preexec_fn=limit if file_size_limit_kb else None)
+    proc = run_group(cmd, cwd=REPO, env=env, timeout=900, preexec_fn=limit if file_size_limit_kb else None)
     assert proc.returncode == expect, f"deepspeed exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 

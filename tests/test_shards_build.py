@@ -185,6 +185,20 @@ def test_bad_manifest_lines_are_named_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
+def test_other_manifest_fields_go_into_the_metadata_and_builder_fields_are_refused(videos, tmp_path):
+    qa = [{"question": "what does he do?", "choices": ["sits", "runs"], "answer": 0}]
+    m = tmp_path / "labels.jsonl"
+    m.write_text(json.dumps({"id": "cam", "video": str(videos / GOOD[0]), "sentences": SENTENCES, "qa": qa,
+                             "split": "val", "duration": 999.0}) + "\n")
+    build(str(m), str(tmp_path / "out"), BuildSettings(per_shard=2), progress=False)
+    meta = json.loads(all_members(tmp_path / "out")["cam.json"])
+    assert meta["qa"] == qa and meta["split"] == "val"
+    assert meta["duration"] == pytest.approx(12.0, abs=0.1)  # measured, not the manifest's hint
+    m.write_text(json.dumps({"id": "cam", "video": "x.mp4", "sentences": [], "fps": 30}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: field\(s\) \['fps'\] are measured and written by the builder"):
+        build(str(m), str(tmp_path / "out2"), BuildSettings(), progress=False)
+
+
 def test_plain_webdataset_reads_built_shards(copied):
     index = json.load(open(copied / "index.json"))
     urls = [str(copied / n) for n in index["shards"]]

@@ -1,7 +1,6 @@
 """The training system under the real `deepspeed` launcher on 2 CPU ranks: every ZeRO stage gives the
 same losses, a kill -9 resumes exactly, a world-size change resumes through a universal checkpoint,
 faults stop with clear errors, and the outputs load in plain PyTorch and TensorBoard."""
-import json
 import os
 import signal
 import subprocess
