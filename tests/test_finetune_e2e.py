@@ -113,6 +113,29 @@ def test_labels_from_a_manifest_joined_on_the_sample_key(data, tmp_path):
     assert after["num_questions"] == 8 + 4 and after["chance"] == pytest.approx(100 / 3)
 
 
+def test_labels_carried_in_the_shards_from_an_adapter_manifest(tmp_path):
+    """The path of a real recipe: a manifest with "qa" (what finetune.adapters writes) -> `shards build`
+    copies it into each KEY.json -> qa_mc reads it from the shards, with no labels file."""
+    from shards.build import BuildSettings, build
+    from shards.testvideos import write_video
+
+    for split, n in (("train", 4), ("val", 2)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                video = tmp_path / f"{split}{i}.mp4"
+                write_video(str(video), 4, fps=8, width=64, height=48, gop=8, seed=i)
+                qa = [{"question": f"what is in clip {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4}] * (1 + i % 2)
+                spans = [{"text": f"part {k}", "start": k, "end": k + 1} for k in range(4)]
+                f.write(json.dumps({"id": f"{split}{i}", "video": str(video), "sentences": spans, "qa": qa}) + "\n")
+        build(str(tmp_path / f"{split}.jsonl"), str(tmp_path / split), BuildSettings(per_shard=2), progress=False)
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(CONFIGS / "how2qa_debug.yaml"), "--run-dir", str(run_dir), *TINY, "task.labels=meta",
+                 f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}", "data.batch_size=2",
+                 "train.steps=2", "task.eval_before=false"]) == 0
+    after = results(run_dir)["results"]["after"]
+    assert after["num_questions"] == 1 + 2 and after["chance"] == pytest.approx(25.0)
+
+
 # ---- finetuned vs zero-shot ----------------------------------------------------------------------
 
 
