@@ -13,6 +13,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -29,6 +30,9 @@ COLOURS = {  # RGB, far apart so a pixel's nearest colour names its object
 BACKGROUND = (16, 16, 24)
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows down
+RELATIONS = ("depth", "depth+plane")  # SynthSettings.relations
+FLIPS = {"depth": ("in front of", "behind"), "plane": ("left of", "right of")}  # relation kind -> its two phrases
+LONG_EVENTS = 8  # `--long`: events per video (the text encoder's default max_sentences)
 SPLITS = {"train": 0, "val": 1}  # the second word of each video's seed: disjoint streams per split
 GOP = 8
 
@@ -40,8 +44,11 @@ class SynthSettings:
     fps: float = 8.0
     event_seconds: float = 2.0
     per_shard: int = 16  # videos per tar
+    relations: str = "depth"  # "depth": in front of / behind; "depth+plane": also left of / right of a landmark
 
     def __post_init__(self):
+        if self.relations not in RELATIONS:
+            raise ValueError(f"relations must be one of {RELATIONS}, got {self.relations!r}")
         for name in ("events", "size", "per_shard"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -74,30 +81,76 @@ class Event:
     mover: Shape
     still: Shape
     direction: str  # one of DIRECTIONS
+    landmark: Shape | None = None  # relations "depth+plane": a still shape beside `still`, at its depth
 
     @property
     def mover_in_front(self) -> bool:
         return self.mover.depth < self.still.depth
 
+    @property
+    def still_side(self) -> str | None:
+        """"left of" / "right of": where the still shape is relative to the landmark (None without one)."""
+        if self.landmark is None:
+            return None
+        return "left of" if self.still.start[0] < self.landmark.start[0] else "right of"
+
+    def relations(self) -> dict[str, str]:
+        """Relation kind -> the phrase that is true in the frames, e.g. {"depth": "behind", "plane": "left of"}."""
+        out = {"depth": "in front of" if self.mover_in_front else "behind"}
+        if self.landmark is not None:
+            out["plane"] = self.still_side
+        return out
+
     def sentence(self) -> str:
         m, s = self.mover, self.still
-        where = "in front of" if self.mover_in_front else "behind"
-        mover, still = f"{_a(m.colour)} {m.colour} {m.kind}", f"{_a(s.colour)} {s.colour} {s.kind}"
-        return f"{mover} moves {self.direction} {where} {still}"
+        text = f"{_name(m)} moves {self.direction} {self.relations()['depth']} {_name(s)}"
+        if self.landmark is not None:
+            text += f" {self.still_side} {_name(self.landmark)}"
+        return text
 
 
 def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def sample_event(rng: np.random.Generator, size: int) -> Event:
-    """Two shapes; the mover's path crosses the still shape's centre, so they overlap mid-event."""
-    colour_m, colour_s = rng.choice(list(COLOURS), size=2, replace=False)
+def _name(shape: Shape) -> str:
+    return f"{_a(shape.colour)} {shape.colour} {shape.kind}"
+
+
+_RELATION_RE = {kind: re.compile(rf"(?<= )({a}|{b})(?= (an?) )") for kind, (a, b) in FLIPS.items()}
+
+
+def flip_relation(sentence: str, kind: str) -> str:
+    """The sentence with its `kind` relation ("depth" or "plane") reversed: in front of <-> behind,
+    left of <-> right of. Raises ValueError if the sentence has no such relation. The direction of
+    motion ("moves left") is never touched: a relation phrase is always followed by "a"/"an"."""
+    a, b = FLIPS[kind]
+    flipped, n = _RELATION_RE[kind].subn(lambda m: b if m.group(1) == a else a, sentence)
+    if n != 1:
+        raise ValueError(f"{sentence!r} has {n} {kind} relations, expected 1")
+    return flipped
+
+
+def sample_event(rng: np.random.Generator, size: int, plane: bool = False) -> Event:
+    """Two shapes; the mover's path crosses the still shape's centre, so they overlap mid-event.
+    plane: a third still shape (the landmark) beside the still one, left or right of it with a clear
+    gap, at the still shape's depth. Without `plane` the random draws are those of the first corpus."""
+    if plane:
+        colour_m, colour_s, colour_l = rng.choice(list(COLOURS), size=3, replace=False)
+        kind_l = rng.choice(SHAPES)
+        r_l = size * rng.uniform(0.09, 0.12)
+        still_left = bool(rng.random() < 0.5)  # the still shape is left of the landmark
+    else:
+        colour_m, colour_s = rng.choice(list(COLOURS), size=2, replace=False)
     kind_m, kind_s = rng.choice(SHAPES, size=2)
     r_m, r_s = size * rng.uniform(0.12, 0.18, size=2)
     direction = str(rng.choice(list(DIRECTIONS)))
     dx, dy = DIRECTIONS[direction]
     centre = size * rng.uniform(0.35, 0.65, size=2)  # (x, y) of the still shape
+    if plane:  # room for the landmark on one side: still at 0.22-0.38 of the width, landmark 0.36-0.44 further
+        centre[0] = size * (rng.uniform(0.22, 0.38) if still_left else rng.uniform(0.62, 0.78))
+        gap = size * rng.uniform(0.36, 0.44) * (1 if still_left else -1)
+        at = (float(centre[0] + gap), float(centre[1] + size * rng.uniform(-0.08, 0.08)))
     a = 0 if dx else 1  # motion axis: 0 = x, 1 = y
     margin = size * rng.uniform(0, 0.05, size=2)
     lo, hi = r_m + margin[0], size - r_m - margin[1]  # the mover's centre range on that axis
@@ -111,7 +164,8 @@ def sample_event(rng: np.random.Generator, size: int) -> Event:
                   tuple(map(float, start)), tuple(map(float, end)))
     still = Shape(str(colour_s), str(kind_s), float(r_s), far if mover_front else near,
                   tuple(map(float, centre)), tuple(map(float, centre)))
-    return Event(mover, still, direction)
+    landmark = Shape(str(colour_l), str(kind_l), float(r_l), still.depth, at, at) if plane else None
+    return Event(mover, still, direction, landmark)
 
 
 def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -137,7 +191,8 @@ def render_event(event: Event, n_frames: int, size: int) -> tuple[np.ndarray, np
     """-> frames (n, S, S, 3) uint8 and depth (n, S, S) float32, far shape drawn first."""
     frames = np.empty((n_frames, size, size, 3), np.uint8)
     depth = np.empty((n_frames, size, size), np.float32)
-    back_to_front = sorted([event.mover, event.still], key=lambda s: -s.depth)
+    shapes = [event.mover, event.still] + ([event.landmark] if event.landmark else [])
+    back_to_front = sorted(shapes, key=lambda s: -s.depth)  # stable: the landmark after the still shape
     for i in range(n_frames):
         frames[i], depth[i] = BACKGROUND, 1.0
         for shape in back_to_front:
@@ -149,7 +204,8 @@ def render_event(event: Event, n_frames: int, size: int) -> tuple[np.ndarray, np
 
 def render_video(rng: np.random.Generator, settings: SynthSettings) -> tuple[np.ndarray, np.ndarray, list[Event]]:
     """-> frames (T, S, S, 3) uint8, depth (T, S, S) float16, events; T = events * frames_per_event."""
-    events = [sample_event(rng, settings.size) for _ in range(settings.events)]
+    plane = settings.relations == "depth+plane"
+    events = [sample_event(rng, settings.size, plane) for _ in range(settings.events)]
     parts = [render_event(e, settings.frames_per_event, settings.size) for e in events]
     frames = np.concatenate([p[0] for p in parts])
     depth = np.concatenate([p[1] for p in parts]).astype(np.float16)
@@ -177,6 +233,9 @@ def make_sample(index: int, seed: int, split: str, settings: SynthSettings) -> d
                       for i, e in enumerate(events)],
         "source": "synth",
     }
+    if settings.relations != "depth":  # the true relation phrases per sentence (the default corpus keeps its bytes)
+        for sentence, e in zip(meta["sentences"], events):
+            sentence["relations"] = e.relations()
     return {
         f"{key}.mp4": encode_mp4(frames, settings.fps, gop=GOP),
         f"{key}.json": json.dumps(meta).encode("utf-8"),
@@ -238,7 +297,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--videos", type=int, required=True, help="training videos")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--val-videos", type=int, default=64, help="held-out videos (another seed stream)")
-    p.add_argument("--events", type=int, default=4, help="events (sentences) per video")
+    p.add_argument("--events", type=int, default=None, help=f"events (sentences) per video (4; {LONG_EVENTS} with --long)")
+    p.add_argument("--long", action="store_true", help=f"long videos: {LONG_EVENTS} events unless --events says otherwise")
+    p.add_argument("--relations", choices=RELATIONS, default="depth",
+                   help="depth: in front of / behind; depth+plane: also the still shape left of / right of a landmark")
     p.add_argument("--size", type=int, default=64, help="frame height and width")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--event-seconds", type=float, default=2.0)
@@ -248,8 +310,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = SynthSettings(events=args.events, size=args.size, fps=args.fps,
-                             event_seconds=args.event_seconds, per_shard=args.per_shard)
+    events = args.events if args.events is not None else (LONG_EVENTS if args.long else 4)
+    settings = SynthSettings(events=events, size=args.size, fps=args.fps, event_seconds=args.event_seconds,
+                             per_shard=args.per_shard, relations=args.relations)
     for split, n in (("train", args.videos), ("val", args.val_videos)):
         if n < 1:
             raise SystemExit(f"--{'videos' if split == 'train' else 'val-videos'} must be >= 1, got {n}")

@@ -174,3 +174,50 @@ def test_settings_are_checked():
         SynthSettings(size=63)
     with pytest.raises(ValueError, match="event_seconds"):
         SynthSettings(fps=3.0, event_seconds=0.5)
+
+
+PLANE = SynthSettings(events=4, size=64, fps=8.0, event_seconds=2.0, per_shard=PER_SHARD, relations="depth+plane")
+
+
+def test_image_plane_relation_is_visible_in_the_frames():
+    """"... a blue square left of a green triangle": in the rendered pixels the square's centroid is left of
+    the triangle's, in every frame where both are mostly visible; the landmark shares the still shape's depth."""
+    from shards.synth import flip_relation
+
+    sides = []
+    for i in range(6):
+        frames, depth, events = render_video(video_rng(0, "train", i), PLANE)
+        n = PLANE.frames_per_event
+        for e, event in enumerate(events):
+            words = event.sentence().split()  # a C S moves D (in front of | behind) a C S (left | right) of a C S
+            assert words[-5] in ("left", "right") and words[-4] == "of"
+            still, landmark = words[-7], words[-2]
+            assert (still, landmark) == (event.still.colour, event.landmark.colour)
+            assert event.landmark.depth == event.still.depth and event.mover.colour not in (still, landmark)
+            seen = 0
+            for frame in frames[e * n:(e + 1) * n]:  # the mover may hide either shape for a few frames
+                labels = nearest_colour(frame)
+                if min((labels == 1 + list(COLOURS).index(c)).sum() for c in (still, landmark)) <= 20:
+                    continue
+                seen += 1
+                dx = centroid(frame, landmark)[0] - centroid(frame, still)[0]
+                assert dx * (1 if words[-5] == "left" else -1) > 0.15 * PLANE.size, (event.sentence(), dx)
+            assert seen >= n // 2, f"{event.sentence()!r}: both still shapes visible in only {seen} of {n} frames"
+            sides.append(words[-5])
+            flipped = flip_relation(event.sentence(), "plane").split()
+            assert flipped[-5] != words[-5] and flipped[:-5] == words[:-5] and flipped[-4:] == words[-4:]
+    assert 0.25 < sides.count("left") / len(sides) < 0.75
+
+
+def test_plane_corpus_records_relations_and_default_stays_unchanged(tmp_path):
+    assert main(["synth", "--out", str(tmp_path / "p"), "--videos", "2", "--val-videos", "1", "--seed", "0",
+                 "--relations", "depth+plane", "--long", "--size", "32", "--fps", "2"]) == 0
+    got = all_members(tmp_path / "p")
+    meta = json.loads(got[f"{video_key('train', 0)}.json"])
+    assert len(meta["sentences"]) == 8  # --long
+    for s in meta["sentences"]:
+        assert s["relations"]["depth"] in s["text"] and s["text"].endswith(s["relations"]["plane"] + " " + " ".join(s["text"].split()[-3:]))
+    _, _, events = render_video(video_rng(0, "train", 0), SETTINGS)  # the default corpus: two shapes, no plane clause
+    assert all(e.landmark is None and " of a" not in e.sentence().replace("in front of a", "") for e in events)
+    with pytest.raises(ValueError, match="relations"):
+        SynthSettings(relations="sideways")
