@@ -1,0 +1,187 @@
+"""Ablation of the seed papers' mechanisms on the synthetic corpus: one table, mean +- std over seeds.
+
+    python benchmarks/ablation.py [--steps 96] [--seeds 0 1 2] [--variants baseline mtc ...] [--out FILE] [--quick]
+
+Builds one corpus (long videos of 8 events with depth and image-plane relations; `shards.synth`)
+once, then trains every variant in this process (world size 1, plain PyTorch with the trainer's own
+optimizer, LR schedule and gradient clipping; no DeepSpeed engine, whose ZeRO-2 on one rank is the same
+AdamW step) for the same number of steps per seed, and scores it on the held-out split with
+`pretrain.probes`: paragraph-to-video R@1, temporal-order and geometry probes (chance 50%), GFLOPs of
+one video-encoder forward pass (`pretrain.flops`) and training samples/s. Prints a Markdown table
+and writes every number (per seed too) to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Each variant changes one thing against the baseline (full_small: four stages of full space-time
+# attention, VPC loss only), on the same stage widths, so differences come from the mechanism.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("full attention, VPC", []),
+    "mtc": ("+MTC (LF-VILA)", ["model.loss.mtc_weight=0.25"]),
+    "htwa": ("+HTWA (LF-VILA)", ["model.video.preset=lfvila_small"]),
+    "divided": ("divided space-time (TESTA's backbone)", ["model.video.attention=[divided,divided,divided,divided]"]),
+    "testa": ("+TESTA merging (on divided)", ["model.video.attention=[divided,divided,divided,divided]",
+                                             "model.video.merge_frames=[0,2,2,2]", "model.video.merge_patches=[0,1,1,0]"]),
+    "graph": ("+STGT graph attention", ["model.video.attention=[full,graph,graph,graph]"]),
+    "stgt": ("+STGT graph + self-sim. loss", ["model.video.attention=[full,graph,graph,graph]",
+                                              "model.loss.vpc_weight=0", "model.loss.ssl_weight=1.0"]),
+    "dast": ("+DAST depth block", ["model.video.dims=[64,128,128,128,128]", "model.video.depths=[1,1,1,1,1]",
+                                   "model.video.heads=[2,4,4,4,4]", "model.video.attention=[full,depth,full,full,full]",
+                                   "model.video.downsample=[true,false,false,false,false]",
+                                   "model.video.temporal_windows=[1,1,1,1,1]", "model.video.merge_frames=[0,0,0,0,0]",
+                                   "model.video.merge_patches=[0,0,0,0,0]", "model.video.local_stage=4"]),
+}
+COLUMNS = [("R1", "R@1"), ("order", "order (para)"), ("order_clips", "order (clips)"),
+           ("depth_clip", "depth rel. (clip)"), ("plane_clip", "left/right (clip)"),
+           ("depth_para", "depth rel. (para)"), ("plane_para", "left/right (para)"),
+           ("gflops", "GFLOPs"), ("samples_per_s", "samples/s")]
+
+
+def make_corpus(out: Path, videos: int, val: int, events: int, size: int) -> None:
+    from shards.synth import SynthSettings, write_split
+
+    settings = SynthSettings(events=events, size=size, fps=4.0, event_seconds=2.0, per_shard=8,
+                             relations="depth+plane")
+    for split, n in (("train", videos), ("val", val)):
+        if not (out / split / "index.json").exists():
+            write_split(str(out / split), split, n, seed=0, settings=settings, workers=1)
+
+
+def train_variant(overrides: list[str], seed: int, steps: int) -> tuple[object, object, float]:
+    """-> (trained model, config, training samples/s over the steps after the first 3)."""
+    import torch
+
+    from pretrain.config import REPO_ROOT, load_config
+    from pretrain.model import VideoTextModel
+    from pretrain.train import build_optimizer, build_scheduler, step_generator
+    from shards.loader import build_train_loader
+
+    cfg = load_config(REPO / "benchmarks/configs/ablation.yaml",
+                      [*overrides, f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
+                       f"train.warmup_steps={max(1, steps // 10)}"])
+    torch.manual_seed(seed)
+    model = VideoTextModel(cfg.model)
+    model.freeze(cfg.model.freeze)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    loader = build_train_loader(cfg.data, cfg.model.text.resolved_path(), 0, 1, root=str(REPO_ROOT))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    timed, t_start = 0, None
+    for step in range(steps):
+        if step == min(3, steps - 1):
+            t_start, timed = time.perf_counter(), 0
+        batch = next(loader)
+        out = model(batch, generator=step_generator(cfg.train.seed, step))
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        timed += cfg.data.batch_size
+    loader.close()
+    samples_per_s = timed / (time.perf_counter() - t_start)
+    return model, cfg, samples_per_s
+
+
+def gflops(cfg) -> float:
+    from pretrain.flops import measure
+
+    frames = cfg.data.num_clips * cfg.data.frames_per_clip
+    return measure(cfg.model.video, frames, (cfg.data.size, cfg.data.size), clips=cfg.data.num_clips)[0]
+
+
+def summarise(values: list) -> dict:
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(xs)}
+
+
+def markdown(results: dict) -> str:
+    head = ["variant"] + [name for _, name in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [VARIANTS[name][0]]
+        for key, _ in COLUMNS:
+            s = r["summary"][key]
+            if s["mean"] is None:
+                cells.append("n/a")
+            elif key == "gflops":
+                cells.append(f"{s['mean']:.3f}")
+            else:
+                cells.append(f"{s['mean']:.1f} ± {s['std']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=96, help="optimizer steps per run (batch 8)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--videos", type=int, default=256, help="training videos in the corpus")
+    p.add_argument("--val-videos", type=int, default=32)
+    p.add_argument("--data", default=str(REPO / "runs/ablation/data32"), help="corpus folder (built if missing)")
+    p.add_argument("--out", default=str(REPO / "runs/ablation/results.json"))
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 8 training and 4 held-out videos of 4 events")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from pretrain.probes import evaluate_probes
+
+    events, extra = 8, []
+    if args.quick:
+        args.steps, args.seeds, args.videos, args.val_videos, events = 2, args.seeds[:1], 8, 4, 4
+        extra = ["data.batch_size=4", "data.num_workers=0", "model.embed_dim=32"]
+    data = Path(args.data).resolve()
+    t0 = time.perf_counter()
+    make_corpus(data, args.videos, args.val_videos, events, 32)
+    extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val"]
+    results = {}
+    for name in args.variants:
+        label, overrides = VARIANTS[name]
+        runs = []
+        for seed in args.seeds:
+            t = time.perf_counter()
+            model, cfg, sps = train_variant([*extra, *overrides], seed, args.steps)
+            metrics = evaluate_probes(model, cfg)
+            metrics.update(samples_per_s=sps, gflops=gflops(cfg), seconds=time.perf_counter() - t, seed=seed)
+            runs.append(metrics)
+            print(f"{label} seed {seed}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in metrics.items() if not k.endswith("_n")), flush=True)
+            del model
+        results[name] = {"label": label, "overrides": overrides, "runs": runs,
+                         "summary": {key: summarise([r[key] for r in runs]) for key, _ in COLUMNS}}
+    table = markdown(results)
+    print(f"\n{len(args.seeds)} seeds x {args.steps} steps (batch {cfg.data.batch_size}), "
+          f"{results[args.variants[0]]['runs'][0]['num_videos']} held-out videos; mean ± std over seeds; "
+          f"probes: % of pairwise comparisons won (chance 50)\n\n{table}\n", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "quick": args.quick,
+                               "wall_seconds": time.perf_counter() - t0, "table": table, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
