@@ -35,6 +35,7 @@ pretrain: setup data
 		--config pretrain/configs/demo.yaml --run-dir $(RUN)
 
 demo: pretrain
+	$(PY) -m pretrain.evaluate $(RUN)/eval.json --min-over-chance 5  # fails if the model learned nothing
 
 test: setup
 	$(PY) -m pytest -q tests

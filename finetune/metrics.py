@@ -4,25 +4,46 @@ from __future__ import annotations
 import torch
 
 
-def retrieval_ranks(similarity: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """1-based rank of the ground truth (column i for query i) in each row, computed `chunk` rows at a
-    time so a large matrix never needs a sorted copy. Ties count in the query's favour (a candidate
-    ranks above the ground truth only if strictly more similar), as in CLIP4Clip and LF-VILA."""
+def rank_counts(similarity: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query i (row) and its ground truth video i (column): how many other videos score strictly
+    higher, and how many tie with it. Computed `chunk` rows at a time, so a 5,000 x 5,000 evaluation never
+    needs a sorted copy. A NaN ground-truth score ranks last; other NaN scores rank below everything."""
     n_q, n_v = similarity.shape
     assert n_q <= n_v, f"query i's ground truth is video i: need num_queries <= num_videos, got {n_q} > {n_v}"
-    ranks = []
+    above, tied = [], []
     for start in range(0, n_q, chunk):
         rows = similarity[start:start + chunk].float()  # (c, n_v)
-        idx = torch.arange(start, start + rows.shape[0])
-        gt = rows[torch.arange(rows.shape[0]), idx]  # (c,)
-        ranks.append((rows > gt[:, None]).sum(dim=1) + 1)
-    return torch.cat(ranks)
+        r = torch.arange(rows.shape[0])
+        gt = rows[r, r + start]  # (c,)
+        others = rows.nan_to_num(nan=float("-inf"))
+        others[r, r + start] = float("nan")  # the ground truth never counts against itself
+        a = (others > gt[:, None]).sum(dim=1)
+        t = (others == gt[:, None]).sum(dim=1)
+        lost = gt.isnan()
+        above.append(torch.where(lost, n_v - 1, a))
+        tied.append(torch.where(lost, 0, t))
+    return torch.cat(above), torch.cat(tied)
+
+
+def retrieval_ranks(similarity: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """1-based rank of each query's ground truth, ties broken at random, in expectation: 1 + above +
+    tied / 2. A collapsed model (all scores equal) gets the chance rank (n + 1) / 2, not rank 1."""
+    above, tied = rank_counts(similarity, chunk)
+    return 1.0 + above.double() + tied.double() / 2
+
+
+def _expected_recall(above: torch.Tensor, tied: torch.Tensor, k: int) -> float:
+    """Percent of queries whose ground truth is in the top k under a random order of ties: the truth is
+    equally likely at each of ranks above+1 .. above+tied+1."""
+    return 100.0 * ((k - above.double()) / (tied.double() + 1)).clamp(0, 1).mean().item()
 
 
 def retrieval_metrics(similarity: torch.Tensor, chunk: int = 1024) -> dict[str, float]:
-    """R@1/5/10 in percent, median and mean rank, for queries (rows) against videos (columns)."""
-    ranks = retrieval_ranks(similarity, chunk).double()
-    out = {f"R{k}": 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}
+    """R@1/5/10 in percent, median and mean rank, for queries (rows) against videos (columns); ties
+    between the ground truth and other videos are broken at random, in expectation."""
+    above, tied = rank_counts(similarity, chunk)
+    ranks = 1.0 + above.double() + tied.double() / 2
+    out = {f"R{k}": _expected_recall(above, tied, k) for k in (1, 5, 10)}
     out["MedR"] = ranks.quantile(0.5).item()  # the mean of the two middle ranks when their number is even
     out["MeanR"] = ranks.mean().item()
     return out
@@ -45,11 +66,11 @@ def format_table(rows: dict[str, dict[str, float]], cols: list[str] | None = Non
     return "\n".join(lines)
 
 
-def recall_curve(ranks: torch.Tensor, max_k: int | None = None) -> list[float]:
-    """R@K in percent for K = 1..max_k (default: every rank), from 1-based ranks."""
-    n = int(ranks.max().item()) if max_k is None else max_k
-    counts = torch.bincount(ranks.long().clamp(max=n + 1), minlength=n + 2)[1 : n + 1]  # queries at rank k
-    return (100.0 * counts.cumsum(0).double() / len(ranks)).tolist()
+def recall_curve(similarity: torch.Tensor, max_k: int | None = None, chunk: int = 1024) -> list[float]:
+    """R@K in percent for K = 1..max_k (default: every video), ties broken as in retrieval_metrics."""
+    above, tied = rank_counts(similarity, chunk)
+    n = similarity.shape[1] if max_k is None else max_k
+    return [_expected_recall(above, tied, k) for k in range(1, n + 1)]
 
 
 def accuracy(predictions: list, targets: list) -> float:

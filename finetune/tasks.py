@@ -18,8 +18,7 @@ from finetune.config import FinetuneConfig
 from finetune.decoder import CaptionDecoder
 from finetune.heads import AnswerClassifier, MultipleChoiceHead, RetrievalHead, TaskModel, video_frames
 from finetune.labels import SplitLabels, WordVocab, answer_vocab, normalise_answer
-from finetune.metrics import (accuracy, caption_metrics, chance_metrics, recall_curve, retrieval_metrics,
-                              retrieval_ranks)
+from finetune.metrics import accuracy, caption_metrics, chance_metrics, recall_curve, retrieval_metrics
 from pretrain import distributed as dist_utils
 from pretrain.config import REPO_ROOT, resolve_path
 from pretrain.model import VideoTextModel
@@ -132,8 +131,8 @@ class RetrievalTask(Task):
                 "paragraph_to_video": retrieval_metrics(similarity),
                 "video_to_paragraph": retrieval_metrics(similarity.t()),
                 "chance": chance_metrics(len(keys)),
-                "recall_curve": {"paragraph_to_video": recall_curve(retrieval_ranks(similarity), curve_k),
-                                 "video_to_paragraph": recall_curve(retrieval_ranks(similarity.t()), curve_k)}}
+                "recall_curve": {"paragraph_to_video": recall_curve(similarity, curve_k),
+                                 "video_to_paragraph": recall_curve(similarity.t(), curve_k)}}
 
     def rows(self, result: dict, name: str) -> dict:
         return {f"{name} paragraph->video": result["paragraph_to_video"],

@@ -33,7 +33,8 @@ from pretrain import checkpoint, distributed as dist_utils
 from pretrain.config import REPO_ROOT, resolve_path
 from pretrain.model import VideoTextModel
 from pretrain.ops import release_shm_names
-from pretrain.train import MetricsLog, RunState, StopSignal, build_ds_config, build_scheduler as cosine_scheduler, memory_gib
+from pretrain.train import (MetricsLog, NonfiniteGuard, RunState, StopSignal, build_ds_config,
+                            build_scheduler as cosine_scheduler, memory_gib, step_taken, zero_loss)
 from shards.loader import build_train_loader
 
 log = logging.getLogger("finetune")
@@ -176,20 +177,22 @@ def step_rng(cfg: FinetuneConfig, step: int) -> np.random.Generator:
 
 
 def train_step(accelerator, model, optimizer, scheduler, task: Task, loader_iter, cfg: FinetuneConfig,
-               step: int, uses_ds: bool) -> tuple[dict, float, bool]:
-    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait,
-    whether the step was taken). A non-finite loss on any rank skips the step (no backward, no update)."""
-    wait, rng = 0.0, step_rng(cfg, step)
+               step: int, uses_ds: bool) -> tuple[dict, float, list[bool]]:
+    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait, which
+    micro-batches had a finite loss on every rank). A non-finite micro-batch is dropped as in pretraining
+    (pretrain.train.train_step): with grad_accum = 1 the step is skipped; with more, it adds a zero gradient."""
+    wait, rng, finite = 0.0, step_rng(cfg, step), []
     for _ in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         inputs = task.train_batch(next(loader_iter), rng)
         wait += time.perf_counter() - t0
         with accelerator.accumulate(model):
             out = model(inputs)
-            if dist_utils.any_rank(not bool(torch.isfinite(out["loss"]))):
+            finite.append(not dist_utils.any_rank(not bool(torch.isfinite(out["loss"]))))
+            if cfg.train.grad_accum == 1 and not finite[-1]:
                 optimizer.zero_grad()
-                return {k: float(v.detach()) for k, v in out.items()}, wait, False
-            accelerator.backward(out["loss"])
+                return {k: float(v.detach()) for k, v in out.items()}, wait, finite
+            accelerator.backward(out["loss"] if finite[-1] else zero_loss(model))
             if accelerator.sync_gradients and not uses_ds and cfg.train.grad_clip > 0:
                 out["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
@@ -197,7 +200,7 @@ def train_step(accelerator, model, optimizer, scheduler, task: Task, loader_iter
     scheduler.step()  # once per optimizer step (DeepSpeed steps its own copy inside engine.step)
     if uses_ds:
         out["grad_norm"] = model.get_global_grad_norm() or float("nan")
-    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, wait, True
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, wait, finite
 
 
 def train(accelerator, model, optimizer, scheduler, task: Task, cfg: FinetuneConfig, run_dir: Path, resume: bool,
@@ -228,19 +231,16 @@ def _train(accelerator, model, optimizer, scheduler, task: Task, cfg: FinetuneCo
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"finetune {cfg.task.name}", disable=rank != 0,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     model.train()
-    it, bad_in_a_row = iter(loader), 0
+    it = iter(loader)
+    guard = NonfiniteGuard(cfg.train.max_nonfinite_steps, state.nonfinite_steps,
+                           lambda: "Lower train.lr / task.head_lr or check the data.")
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        losses, wait, ok = train_step(accelerator, model, optimizer, scheduler, task, it, cfg, state.step, uses_ds)
-        if not ok:
-            state.nonfinite_steps += 1
-            bad_in_a_row += 1
-            log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", state.step + 1, losses, bad_in_a_row)
-            if bad_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise RuntimeError(f"non-finite loss in {bad_in_a_row} consecutive steps (train.max_nonfinite_steps); "
-                                   f"lower train.lr / task.head_lr or check the data")
+        losses, wait, finite = train_step(accelerator, model, optimizer, scheduler, task, it, cfg, state.step, uses_ds)
+        guard.update(finite, state.step + 1, losses)
+        state.nonfinite_steps = guard.total
+        if not step_taken(finite):
             continue
-        bad_in_a_row = 0
         state.step += 1
         state.samples_seen += global_batch
         step_time = time.perf_counter() - t0

@@ -85,9 +85,13 @@ def save(engine, ckpt_dir: str | Path, step: int, run_state: dict, rank_state: d
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
-    steps = sorted(int(p.name[len("global_step"):]) for p in ckpt_dir.glob("global_step*") if p.is_dir())
+    """Delete all but the newest `keep_last` checkpoint folders and those at multiples of `keep_every`;
+    the one `latest` names is never deleted (a folder newer than it is a save a crash left unfinished)."""
+    latest = latest_tag(ckpt_dir)
+    steps = sorted(int(p.name[len("global_step"):]) for p in ckpt_dir.glob("global_step*")
+                   if p.is_dir() and p.name[len("global_step"):].isdigit())
     for step in steps[:-keep_last]:
-        if not (keep_every and step % keep_every == 0):
+        if f"global_step{step}" != latest and not (keep_every and step % keep_every == 0):
             shutil.rmtree(ckpt_dir / f"global_step{step}", ignore_errors=True)
 
 

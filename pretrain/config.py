@@ -78,6 +78,28 @@ class Config:
             _check(v.clip_stage() is not None, "model.loss.mtc_weight",
                    "0 with this video encoder: TESTA merges frames before the clip-feature stage, so there "
                    "are no clip features (or set model.video.clip_features / local_stage to an earlier stage)")
+        if loss.mtc_weight > 0:
+            for key in ("num_key", "num_value"):
+                _check(1 <= getattr(loss, key) <= d.num_clips, f"model.loss.{key}",
+                       f"an integer in [1, data.num_clips = {d.num_clips}] (got {getattr(loss, key)})")
+        _check(loss.num_neg >= 0, "model.loss.num_neg", f"an integer >= 0 (got {loss.num_neg})")
+        _check(0 < loss.mlm_probability < 1, "model.loss.mlm_probability", "a number in (0, 1)")
+        _check(-1 <= v.graph_threshold <= 1, "model.video.graph_threshold", "a cosine similarity in [-1, 1]")
+        _check(v.depth_window >= 0, "model.video.depth_window", "an integer >= 0 (frames either side)")
+        _check(v.depth_grid >= 1, "model.video.depth_grid", "an integer >= 1")
+        grid = d.size // v.patch_size
+        for i, kind in enumerate(v.attention):  # HTWA windows must tile the (frames, grid) each stage sees
+            tw, (sh, sw) = min(v.temporal_windows[i], frames), (min(n, grid) for n in v.spatial_window)
+            if kind == "htwa":
+                _check(tw >= 1 and frames % tw == 0 and grid % sh == 0 and grid % sw == 0,
+                       f"model.video.temporal_windows[{i}] / spatial_window",
+                       f"windows that tile stage {i}'s input: {frames} frames and a {grid}x{grid} patch grid "
+                       f"(got {v.temporal_windows[i]} frames, {v.spatial_window} patches)")
+            if v.downsample[i]:
+                _check(grid % 2 == 0, f"model.video.downsample[{i}]",
+                       f"false: stage {i}'s {grid}x{grid} patch grid is odd (data.size / patch_size, halved "
+                       f"per downsampling)")
+                grid //= 2
         if v.clip_features == "local":
             for i in range(v.local_stage + 1):
                 w = v.temporal_windows[i]

@@ -82,3 +82,24 @@ def evaluate_matching(model: VideoTextModel, cfg: Config, run_dir: Path | None =
         if run_dir is not None:
             (run_dir / "eval_matching.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def check_learned(eval_json: Path, min_over_chance: float = 5.0) -> str:
+    """Raise SystemExit unless paragraph-to-video R@1 in `eval_json` is at least `min_over_chance` times
+    chance; else return a one-line summary. `make demo` ends with this, so a run that learned nothing fails."""
+    result = json.loads(Path(eval_json).read_text())
+    r1, chance = result["paragraph_to_video"]["R1"], result["chance"]["R1"]
+    line = f"paragraph-to-video R@1 {r1:.2f}% against chance {chance:.2f}% ({result['num_videos']} videos)"
+    if r1 < min_over_chance * chance:
+        raise SystemExit(f"the model did not learn: {line}, below {min_over_chance:g}x chance")
+    return line
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Fail unless a run's zero-shot retrieval is well above chance.")
+    p.add_argument("eval_json", type=Path, help="RUN_DIR/eval.json, written at the end of pretraining")
+    p.add_argument("--min-over-chance", type=float, default=5.0, help="required R@1 / chance R@1")
+    args = p.parse_args()
+    print("learned:", check_learned(args.eval_json, args.min_over_chance))

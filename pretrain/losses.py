@@ -44,7 +44,8 @@ def _mtc_direction(anchors, values, key_idx, val_idx, neg_idx, labels, temperatu
     a = anchors[rows[:, None], key_idx]  # (B, K, D)
     v = values[rows[:, None], val_idx]  # (B, V, D)
     picked = values[rows, neg_idx]  # (B, D): the negative position of each video
-    negs = torch.stack([picked.roll(s, dims=0) for s in range(1, num_neg + 1)], dim=1)  # (B, N, D): videos b-s
+    negs = torch.stack([picked.roll(s, dims=0) for s in range(1, num_neg + 1)], dim=1) if num_neg > 0 \
+        else picked.new_zeros(B, 0, D)  # (B, N, D): videos b-s; none when the batch holds one video
     cand = torch.cat([v, negs], dim=1)  # (B, V+N, D)
     logits = torch.einsum("bkd,bcd->bkc", a, cand) / temperature  # (B, K, V+N)
     flat = labels.reshape(-1)

@@ -98,7 +98,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
 class RunState:
     step: int = 0
     samples_seen: int = 0
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # micro-batches dropped for a non-finite loss (= skipped steps when grad_accum is 1)
 
 
 class MetricsLog:
@@ -150,24 +150,54 @@ class StopSignal:
         return dist_utils.any_rank(self.received is not None)
 
 
-def train_step(engine, loader_iter, cfg: Config, step: int) -> tuple[dict, float, bool]:
-    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait,
-    whether the step was taken). A non-finite loss on any rank skips the step: with grad_accum = 1 no
-    backward and no optimizer step run; with more, that micro-batch contributes a zero gradient."""
-    wait, ok = 0.0, True
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """A loss with a zero gradient for every trainable parameter. It stands in for a dropped micro-batch, so
+    every rank runs the same backward and DeepSpeed's gradient accumulation stays in step."""
+    return sum((p * 0).sum() for p in module.parameters() if p.requires_grad)
+
+
+class NonfiniteGuard:
+    """Counts micro-batches dropped for a non-finite loss on any rank (`total`, restored on resume);
+    `max_in_a_row` of them in a row stop the run with an error that says what to do."""
+
+    def __init__(self, max_in_a_row: int, total: int = 0, advice=lambda: "Lower train.lr or check the data."):
+        self.max_in_a_row, self.total, self.in_a_row, self.advice = max_in_a_row, total, 0, advice
+
+    def update(self, finite: list[bool], step: int, losses: dict) -> None:
+        for ok in finite:
+            self.in_a_row = 0 if ok else self.in_a_row + 1
+            self.total += not ok
+        if not all(finite):
+            log.warning("step %d: non-finite loss %s in %d of %d micro-batches, dropped (%d in a row)", step,
+                        losses, finite.count(False), len(finite), self.in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise RuntimeError(f"non-finite loss in {self.in_a_row} consecutive micro-batches (train.max_nonfinite_"
+                               f"steps={self.max_in_a_row}); last losses {losses}. {self.advice()}")
+
+
+def train_step(engine, loader_iter, cfg: Config, step: int) -> tuple[dict, float, list[bool]]:
+    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait, which
+    micro-batches had a finite loss on every rank). A non-finite micro-batch is dropped: with grad_accum = 1
+    no backward and no optimizer step run (the step is skipped and retried on the next batch); with more, it
+    contributes a zero gradient and the optimizer steps on the others, so the step count, the LR schedule and
+    DeepSpeed's accumulation boundary never drift apart."""
+    wait, finite = 0.0, []
     for _ in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(loader_iter)
         wait += time.perf_counter() - t0
         out = engine(batch, gather=dist_utils.gather_with_grad, generator=step_generator(cfg.train.seed, step))
-        finite = not dist_utils.any_rank(not bool(torch.isfinite(out["loss"])))
-        ok &= finite
-        if cfg.train.grad_accum == 1 and not finite:
+        finite.append(not dist_utils.any_rank(not bool(torch.isfinite(out["loss"]))))
+        if cfg.train.grad_accum == 1 and not finite[-1]:
             break
-        loss = out["loss"] if finite else sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
-        engine.backward(loss)
+        engine.backward(out["loss"] if finite[-1] else zero_loss(engine.module))
         engine.step()
-    return {k: float(v.detach()) for k, v in out.items()}, wait, ok
+    return {k: float(v.detach()) for k, v in out.items()}, wait, finite
+
+
+def step_taken(finite: list[bool]) -> bool:
+    """Whether train_step ran an optimizer step: always with accumulation, else only on a finite loss."""
+    return len(finite) > 1 or finite[0]
 
 
 def build_engine(cfg: Config, ds_config_path: str | None, ds_extra: dict | None = None):
@@ -234,20 +264,15 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     engine.train()
     it = iter(loader)
-    bad_in_a_row = 0
+    guard = NonfiniteGuard(cfg.train.max_nonfinite_steps, state.nonfinite_steps,
+                           lambda: f"Lower train.lr or check the data; the last checkpoint is {checkpoint.latest_tag(ckpt_dir)}")
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        losses, wait, ok = train_step(engine, it, cfg, state.step)
-        if not ok:
-            state.nonfinite_steps += 1
-            bad_in_a_row += 1
-            log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", state.step + 1, losses, bad_in_a_row)
-            if bad_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise RuntimeError(f"non-finite loss in {bad_in_a_row} consecutive steps (train.max_nonfinite_steps"
-                                   f"={cfg.train.max_nonfinite_steps}); last losses {losses}. Lower train.lr or check "
-                                   f"the data; the last checkpoint is {checkpoint.latest_tag(ckpt_dir)}")
+        losses, wait, finite = train_step(engine, it, cfg, state.step)
+        guard.update(finite, state.step + 1, losses)
+        state.nonfinite_steps = guard.total
+        if not step_taken(finite):
             continue
-        bad_in_a_row = 0
         state.step += 1
         state.samples_seen += global_batch
         step_time = time.perf_counter() - t0

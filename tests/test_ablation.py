@@ -95,7 +95,7 @@ def test_ablation_quick_has_every_variant_with_finite_metrics(tmp_path):
     variants = load_ablation().VARIANTS
     result = json.loads(out.read_text())
     assert list(result["results"]) == list(variants) and result["quick"]
-    for name, (label, _) in variants.items():
+    for name, (label, _, _) in variants.items():
         assert f"| {label} |" in proc.stdout and f"| {label} |" in result["table"]
         run = result["results"][name]["runs"][0]
         no_clips = name == "testa"  # TESTA merges frames before any clip-level stage: no clip probes
@@ -105,6 +105,32 @@ def test_ablation_quick_has_every_variant_with_finite_metrics(tmp_path):
         assert run["gflops"] > 0 and run["samples_per_s"] > 0 and 0 <= run["order"] <= 100
         if no_clips:
             assert run["depth_clip"] is None and "n/a" in result["table"]
+
+
+def test_table_marks_only_differences_beyond_two_standard_errors_and_merges_files(tmp_path):
+    ab = load_ablation()
+    keys = [k for k, _ in ab.COLUMNS]
+
+    def result(r1s, orders):
+        runs = [{**{k: 1.0 for k in keys}, "R1": a, "order": b} for a, b in zip(r1s, orders)]
+        return {"runs": runs, "summary": {k: ab.summarise([r[k] for r in runs]) for k in keys}}
+
+    # mtc: R@1 the same within noise; order +30 with spreads of 1-2 (standard error ~1.3): marked.
+    results = {"baseline": result([20, 25, 30], [50, 52, 51]), "mtc": result([21, 24, 31], [80, 82, 81])}
+    table = ab.markdown(results)
+    mtc_row = next(line for line in table.splitlines() if line.startswith("| +MTC"))
+    assert "81.0 ± 1.0 †" in mtc_row and "25.3 ± 5.1 |" in mtc_row
+    assert "+MTC (LF-VILA) vs. full attention, VPC: order (para) +30.0 (standard error 0.8)" in table
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, name in ((a, "baseline"), (b, "mtc")):
+        path.write_text(json.dumps({"steps": 4, "seeds": [0, 1, 2], "quick": False, "wall_seconds": 1.0,
+                                    "results": {name: results[name]}}))
+    assert ab.main(["--tables", str(b), str(a), "--out", str(tmp_path / "c.json")]) == 0
+    merged = json.loads((tmp_path / "c.json").read_text())
+    assert list(merged["results"]) == ["baseline", "mtc"] and merged["table"] == table
+    b.write_text(json.dumps({"steps": 8, "seeds": [0, 1, 2], "quick": False, "wall_seconds": 1.0, "results": {}}))
+    with pytest.raises(SystemExit, match="differ in --steps or --seeds"):
+        ab.main(["--tables", str(a), str(b), "--out", str(tmp_path / "d.json")])
 
 
 def load_ablation():

@@ -54,3 +54,27 @@ def test_ds_config_disagreeing_with_run_config_is_rejected(tmp_path):
     p.write_text('{"train_micro_batch_size_per_gpu": 5, "zero_optimization": {"stage": 2}}')
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=5 disagrees"):
         build_ds_config(load_config(None, ["data.batch_size=4"]), 2, str(p))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.loss.num_key=5", "model.loss.num_key"),  # more anchors than data.num_clips
+    ("model.loss.num_value=0", "model.loss.num_value"),
+    ("model.loss.num_neg=-1", "model.loss.num_neg"),
+    ("model.loss.mlm_probability=1.5", "model.loss.mlm_probability"),
+    ("model.video.graph_threshold=2.0", "model.video.graph_threshold"),
+    ("model.video.depth_window=-1", "model.video.depth_window"),
+    ("model.video.temporal_windows=[3,4,8,16]", r"model.video.temporal_windows\[0\] / spatial_window"),
+    ("model.video.spatial_window=[3,3]", r"model.video.temporal_windows\[0\] / spatial_window"),
+])
+def test_out_of_range_model_values_are_rejected_before_launch_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"bad value for {key}: expected"):
+        load_config("pretrain/configs/demo.yaml", [override])
+
+
+def test_every_cpu_preset_passes_the_checks_at_the_demo_size():
+    from pretrain.video_encoder import PRESETS
+
+    small = [name for name in PRESETS if name.endswith("_small") or name == "debug"]
+    assert len(small) >= 5
+    for name in small:  # the papers' widths tile 192x320 or 224x224 frames, which data.size (square) can't say
+        load_config("pretrain/configs/demo.yaml", [f"model.video.preset={name}", "model.loss.mtc_weight=0"])

@@ -82,6 +82,13 @@ def test_mtc_negatives_never_come_from_the_same_video():
     assert math.isclose(float(mtc_loss(clips, sents, key, val, neg, num_neg=10)), ref, rel_tol=1e-9)
 
 
+def test_mtc_with_one_video_uses_its_own_candidates_only():
+    clips, sents = unit(1, 4, 8, seed=10), unit(1, 4, 8, seed=11)
+    key, val, neg = torch.tensor([[0, 3]]), torch.tensor([[1, 2]]), torch.tensor([0])
+    got = mtc_loss(clips, sents, key, val, neg, num_neg=3)  # a global batch of 1: no other video to draw from
+    assert math.isclose(float(got), reference_mtc(clips, sents, key, val, neg, 0.05, 0), rel_tol=1e-9)
+
+
 def test_mtc_all_ignored_is_zero_not_nan_and_has_a_graph():
     clips = unit(3, 4, 8, seed=8).requires_grad_()
     sents = unit(3, 4, 8, seed=9)

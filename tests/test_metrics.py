@@ -11,13 +11,25 @@ from finetune.metrics import chance_metrics, retrieval_metrics, retrieval_ranks
 def test_ranks_by_hand_with_ties():
     s = torch.tensor([[0.9, 0.1, 0.2, 0.0],   # gt best -> rank 1
                       [0.5, 0.4, 0.6, 0.1],   # two above -> rank 3
-                      [0.3, 0.3, 0.3, 0.3],   # all tied -> rank 1 (ties favour the query)
+                      [0.3, 0.3, 0.3, 0.3],   # tied with 3 others -> rank 1 + 3/2 in expectation
                       [0.8, 0.7, 0.9, 0.1]])  # three above -> rank 4
-    assert retrieval_ranks(s).tolist() == [1, 3, 1, 4]
-    assert retrieval_ranks(s, chunk=3).tolist() == [1, 3, 1, 4]  # chunking changes nothing
+    assert retrieval_ranks(s).tolist() == [1, 3, 2.5, 4]
+    assert retrieval_ranks(s, chunk=3).tolist() == [1, 3, 2.5, 4]  # chunking changes nothing
     m = retrieval_metrics(s)
-    assert m["R1"] == pytest.approx(50.0) and m["R5"] == pytest.approx(100.0)
-    assert m["MedR"] == pytest.approx(2.0) and m["MeanR"] == pytest.approx(2.25)
+    assert m["R1"] == pytest.approx((1 + 0 + 1 / 4 + 0) / 4 * 100)  # the tied row is first 1 time in 4
+    assert m["R5"] == pytest.approx(100.0)
+    assert m["MedR"] == pytest.approx(2.75) and m["MeanR"] == pytest.approx(2.625)
+
+
+def test_a_collapsed_or_diverged_model_scores_chance_or_worse_not_perfect():
+    constant = retrieval_metrics(torch.zeros(10, 10))  # every score equal: a collapsed model
+    assert constant == pytest.approx(chance_metrics(10))
+    nan = retrieval_metrics(torch.full((10, 10), float("nan")))  # a diverged model
+    assert nan["R1"] == 0.0 and nan["R5"] == 0.0 and nan["MeanR"] == 10.0
+    s = torch.eye(4)
+    s[2, 2] = float("nan")  # one NaN ground truth ranks last; a NaN elsewhere ranks below everything
+    s[0, 3] = float("nan")
+    assert retrieval_ranks(s).tolist() == [1, 1, 4, 1]
 
 
 def test_perfect_and_chance():
@@ -37,16 +49,31 @@ def test_random_similarity_scores_near_chance():
 from finetune.metrics import accuracy, caption_metrics, format_table, recall_curve  # noqa: E402
 
 
-def brute_force_ranks(s: torch.Tensor) -> list[int]:
-    """1 + the number of candidates strictly more similar than the ground truth, one query at a time."""
-    return [1 + sum(1 for j in range(s.shape[1]) if s[i, j] > s[i, i]) for i in range(s.shape[0])]
+def reference_ranks(s: torch.Tensor) -> list[float]:
+    """SciPy's average rank of the ground truth among all scores of its row (descending)."""
+    from scipy.stats import rankdata
+    return [float(rankdata(-s[i].numpy(), method="average")[i]) for i in range(s.shape[0])]
 
 
-def test_ranks_match_brute_force_with_many_ties_both_directions():
+def monte_carlo_recall(s: torch.Tensor, k: int, trials: int = 4000) -> float:
+    """R@k with ties broken by a fresh random order in every trial, CLIP4Clip-style (argsort the row)."""
+    g = torch.Generator().manual_seed(3)
+    hits = 0.0
+    for _ in range(trials):
+        order = torch.argsort(s + 1e-6 * torch.rand(s.shape, generator=g), dim=1, descending=True)
+        hits += (order[:, :k] == torch.arange(s.shape[0])[:, None]).any(dim=1).double().mean().item()
+    return 100.0 * hits / trials
+
+
+def test_ranks_match_scipy_and_recalls_match_random_tie_breaking_both_directions():
     g = torch.Generator().manual_seed(1)
     s = torch.randint(0, 4, (60, 60), generator=g).float()  # 4 distinct values: ties everywhere
-    assert retrieval_ranks(s, chunk=7).tolist() == brute_force_ranks(s)
-    assert retrieval_ranks(s.t(), chunk=7).tolist() == brute_force_ranks(s.t())  # video -> text
+    assert retrieval_ranks(s, chunk=7).tolist() == pytest.approx(reference_ranks(s))
+    assert retrieval_ranks(s.t(), chunk=7).tolist() == pytest.approx(reference_ranks(s.t()))  # video -> text
+    small = torch.randint(0, 3, (12, 12), generator=g).float()
+    m = retrieval_metrics(small)
+    for k in (1, 5, 10):
+        assert m[f"R{k}"] == pytest.approx(monte_carlo_recall(small, k), abs=1.5)
 
 
 def test_5000_by_5000_in_chunks_equals_one_chunk():
@@ -56,13 +83,15 @@ def test_5000_by_5000_in_chunks_equals_one_chunk():
     small = retrieval_ranks(s, chunk=256)  # at most 256 x 5000 compared at a time
     assert torch.equal(small, retrieval_ranks(s, chunk=5000))
     m = retrieval_metrics(s, chunk=256)
-    assert m["R1"] == pytest.approx(100.0 * (small == 1).double().mean().item())
+    assert m == retrieval_metrics(s, chunk=5000)
     assert m["MeanR"] == pytest.approx(small.double().mean().item())
 
 
 def test_recall_curve_and_accuracy_by_hand():
-    assert recall_curve(torch.tensor([1, 3, 1, 4])) == pytest.approx([50.0, 50.0, 75.0, 100.0])
-    assert recall_curve(torch.tensor([1, 3, 1, 4]), max_k=2) == pytest.approx([50.0, 50.0])
+    s = torch.tensor([[0.9, 0.1, 0.2, 0.0], [0.5, 0.4, 0.6, 0.1], [0.3, 0.3, 0.3, 0.3], [0.8, 0.7, 0.9, 0.1]])
+    assert recall_curve(s) == pytest.approx([31.25, 37.5, 68.75, 100.0])  # ranks 1, 3, 4; the tied row 1..4
+    assert recall_curve(s, max_k=2) == pytest.approx([31.25, 37.5])
+    assert recall_curve(s)[4 - 1] == retrieval_metrics(s)["R5"]
     assert accuracy([1, 2, 3, "a"], [1, 0, 3, "a"]) == pytest.approx(75.0)
     assert accuracy([], []) == 0.0
 
@@ -133,3 +162,15 @@ def test_cider_against_the_definition():
     # the same caption for every video scores lower than the right captions
     same = {k: "a man is cooking food" for k in predictions}
     assert caption_metrics(same, references)["CIDEr"] < got
+
+
+def test_demo_fails_when_retrieval_is_not_well_above_chance(tmp_path):
+    import json
+
+    from pretrain.evaluate import check_learned
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"num_videos": 64, "paragraph_to_video": {"R1": 7.0}, "chance": chance_metrics(64)}))
+    with pytest.raises(SystemExit, match=r"did not learn: paragraph-to-video R@1 7.00% against chance 1.56%"):
+        check_learned(path, 5.0)  # 7.0 < 5 x 1.5625
+    assert "R@1 7.00%" in check_learned(path, 4.0)

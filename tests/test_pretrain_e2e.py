@@ -1,5 +1,6 @@
 """End to end: the real `deepspeed` launcher, 2 CPU ranks on gloo, ZeRO-2, save, resume, evaluate."""
 import json
+import logging
 import os
 import resource
 import signal
@@ -111,6 +112,32 @@ def test_stage2_trains_the_fusion_stack_over_the_frozen_stage1_model(data, stage
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # stage 1 stays as it was
     assert any(k.startswith("fusion.") for k in after)
     assert "video-text matching accuracy" in out.stdout and (tmp_path / "eval_matching.json").exists()
+
+
+def test_finetune_zero_shot_starts_from_the_deepspeed_checkpoint_folder(data, stage1, tmp_path, caplog):
+    """`finetune/run.py --init RUN/checkpoints` (architecture from RUN/config.yaml, weights through
+    zero_to_fp32) scores what a model with DeepSpeed's own consolidated weights, loaded strictly, scores."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from finetune.run import main as finetune_main
+    from pretrain.config import load_config
+    from pretrain.evaluate import evaluate_retrieval
+    from pretrain.model import VideoTextModel
+
+    shards = [f"data.train_shards={data}/train", f"data.val_shards={data}/val"]
+    cfg = load_config(stage1 / "config.yaml", shards)
+    model = VideoTextModel(cfg.model).eval()
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(stage1 / "checkpoints")), strict=True)
+    expected = evaluate_retrieval(model, cfg)
+    run_dir = tmp_path / "zs"
+    caplog.set_level(logging.INFO, logger="pretrain")
+    assert finetune_main(["--task", "zeroshot", "--config", str(REPO / "finetune" / "configs" / "zeroshot.yaml"),
+                          "--init", str(stage1 / "checkpoints"), "--run-dir", str(run_dir), "task.query_words=12",
+                          *[t for t in TINY if t.startswith("data.")], *shards]) == 0
+    got = json.loads((run_dir / "results.json").read_text())["results"]["zero_shot"]
+    for direction in ("paragraph_to_video", "video_to_paragraph"):
+        assert got[direction] == pytest.approx(expected[direction])
+    assert f"initialised from {stage1 / 'checkpoints'}" in caplog.text  # the weights came from the folder
 
 
 def run_py(*args):

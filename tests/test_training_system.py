@@ -113,10 +113,13 @@ def test_world_size_change_resumes_through_a_universal_checkpoint(data, referenc
     assert rows[2]["samples_seen"] == 3 * 8 - 4  # two 2-rank steps of 8 samples, then 1-rank steps of 4
 
 
-def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(data, tmp_path):
+def test_nonfinite_losses_are_dropped_then_stop_with_a_clear_error(data, tmp_path):
+    # With accumulation: step 1 is finite and blows the weights up; both micro-batches of step 2 are dropped
+    # (zero-gradient backward through the real DeepSpeed engine), which is 2 in a row.
     out = launch(tmp_path, data, 8, "train.lr=1e30", "train.text_lr=1e30", "train.warmup_steps=0",
-                 "train.max_nonfinite_steps=2", "train.grad_clip=0.0", expect=1)
-    assert "non-finite loss in 2 consecutive steps" in out.stdout + out.stderr
+                 "train.max_nonfinite_steps=2", "train.grad_clip=0.0", "train.grad_accum=2", expect=1)
+    assert "step 2: non-finite loss" in out.stderr and "in 2 of 2 micro-batches" in out.stderr
+    assert "non-finite loss in 2 consecutive micro-batches" in out.stdout + out.stderr
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data, tmp_path):

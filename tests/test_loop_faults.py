@@ -1,0 +1,92 @@
+"""Non-finite losses (which micro-batches are dropped, when the optimizer steps, when the run stops) and
+checkpoint retention, without launching DeepSpeed.
+
+A stand-in engine records what the loop asks of DeepSpeed; the real engine runs the same path in
+test_training_system.py (with gradient accumulation) and test_pretrain_e2e.py.
+"""
+import math
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.train import NonfiniteGuard, step_taken, train_step, zero_loss
+
+
+class FakeEngine:
+    """Returns the next scripted loss per forward; records backward losses and step calls."""
+
+    def __init__(self, losses):
+        self.module = torch.nn.Linear(3, 2)
+        self.losses, self.backward_losses, self.steps = list(losses), [], 0
+
+    def __call__(self, batch, gather=None, generator=None):
+        w = self.module.weight.sum()
+        return {"loss": w * 0 + self.losses.pop(0), "vpc": torch.tensor(1.0)}
+
+    def backward(self, loss):
+        loss.backward()
+        self.backward_losses.append(float(loss.detach()))
+
+    def step(self):
+        self.steps += 1
+
+
+def cfg_with(grad_accum):
+    return load_config(None, [f"train.grad_accum={grad_accum}"])
+
+
+def test_one_micro_batch_non_finite_skips_the_step_without_backward():
+    engine = FakeEngine([math.nan])
+    losses, _, finite = train_step(engine, iter([{}]), cfg_with(1), step=0)
+    assert finite == [False] and not step_taken(finite)
+    assert engine.backward_losses == [] and engine.steps == 0 and math.isnan(losses["loss"])
+
+
+def test_with_accumulation_a_bad_micro_batch_adds_a_zero_gradient_and_the_step_is_taken():
+    engine = FakeEngine([1.5, math.inf, 2.0])
+    _, _, finite = train_step(engine, iter([{}] * 3), cfg_with(3), step=0)
+    assert finite == [True, False, True] and step_taken(finite)
+    assert engine.backward_losses == [1.5, 0.0, 2.0] and engine.steps == 3  # DeepSpeed counts every micro-step
+
+
+def test_zero_loss_gives_every_trainable_parameter_a_zero_gradient():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    m[1].bias.requires_grad_(False)
+    zero_loss(m).backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.parameters() if p.requires_grad)
+    assert m[1].bias.grad is None
+
+
+def test_guard_counts_runs_across_steps_and_stops_with_advice():
+    guard = NonfiniteGuard(3, total=5, advice=lambda: "the last checkpoint is global_step8")
+    guard.update([True, False], step=1, losses={})
+    guard.update([False, True], step=2, losses={})  # a finite micro-batch ends the run of bad ones
+    assert guard.total == 7 and guard.in_a_row == 0
+    guard.update([True, False], step=3, losses={})
+    with pytest.raises(RuntimeError, match=r"3 consecutive micro-batches .*max_nonfinite_steps=3.*global_step8"):
+        guard.update([False, False], step=4, losses={"loss": math.nan})
+    assert guard.total == 10
+
+
+# ---- checkpoint retention ------------------------------------------------------------------------
+
+from pretrain.checkpoint import LATEST, _prune  # noqa: E402
+
+
+def folders(ckpt_dir):
+    return sorted(int(p.name[len("global_step"):]) for p in ckpt_dir.glob("global_step*"))
+
+
+def test_retention_keeps_the_last_k_every_nth_and_always_latest(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / f"global_step{step}").mkdir()
+    (tmp_path / "universal").mkdir()
+    (tmp_path / LATEST).write_text("global_step10")
+    _prune(tmp_path, keep_last=2, keep_every=4)
+    assert folders(tmp_path) == [4, 8, 10] and (tmp_path / "universal").exists()
+    # A crash left unfinished saves at 12 and 14; `latest` still names 10, which must survive.
+    (tmp_path / "global_step12").mkdir()
+    (tmp_path / "global_step14").mkdir()
+    _prune(tmp_path, keep_last=1, keep_every=0)
+    assert folders(tmp_path) == [10, 14]
