@@ -106,7 +106,8 @@ PRESETS: dict[str, dict] = {
     # LF-VILA: Swin-B inflated, patch 8 at 192x320, temporal windows 2-4-8-16-16-32, spatial 3x5.
     "lfvila": _stages(patch_size=8, max_frames=128, dims=[128, 256, 512, 512, 512, 1024], depths=[2, 2, 14, 2, 2, 2],
                       heads=[4, 8, 16, 16, 16, 32], attention=["htwa"] * 6, temporal_windows=[2, 4, 8, 16, 16, 32],
-                      spatial_window=[3, 5], downsample=[True, True, False, False, True, False], local_stage=2),
+                      spatial_window=[3, 5], downsample=[True, True, False, False, True, False], local_stage=2,
+                      pooling="maxpool"),
     "testa_small": _stages(patch_size=8, dims=[96, 96], depths=[1, 3], heads=[4, 4], attention=["divided"] * 2,
                            merge_frames=[0, 1], merge_patches=[0, 4], clip_features="final", local_stage=1),
     # TESTA: TimeSformer ViT-B/16 with [r_t, r_s] = [1, 12] in every block (32 frames) or [4, 8] (96).

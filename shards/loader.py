@@ -12,10 +12,13 @@ random choice of a sample (clips, frames, crop, flip) comes from a generator see
 (seed, epoch, key), so a resumed run decodes the same pixels.
 
 Ranks never wait on each other for data: the train stream has no end (each worker starts its
-next pass over its shards, in a new order, when one ends), and every batch holds exactly
-`batch_size` good samples, so every rank yields one full batch per step for as many steps as the
-trainer asks. A pass ("epoch") is per worker; `TrainLoader.samples_per_epoch` is the nominal
-per-rank epoch, total samples // world_size, for converting steps to epochs.
+next epoch, in a new shard order, when one ends), and every batch holds exactly `batch_size` good
+samples, so every rank yields one full batch per step for as many steps as the trainer asks. With a
+split folder (index.json gives the sample count), an epoch is a fixed number of raw samples per rank,
+`TrainLoader.samples_per_epoch` = total // world_size, split evenly over its workers: a rank whose
+shards hold more stops early (the rest comes in later epochs' shard orders), one whose shards hold
+fewer reads them again, so all ranks change epoch together even when shards differ in size. A brace
+pattern has no count: there an epoch is one pass of each worker over its shards.
 
 Bad input (truncated tars, broken or empty MP4s, missing members, bad JSON, sentences outside
 the video, too few sentences, a video shorter than the clips) is skipped and counted per reason;
@@ -122,18 +125,40 @@ def epoch_shards(shards: list[str], seed: int, epoch: int) -> list[str]:
     return [shards[i] for i in order]
 
 
+def worker_quota(per_rank: int | None, worker: int, num_workers: int) -> int | None:
+    """Raw samples logical worker `worker` reads per epoch: the rank's fixed share split evenly."""
+    if per_rank is None:
+        return None
+    return per_rank // num_workers + (1 if worker < per_rank % num_workers else 0)
+
+
 def train_source(shards: list[str], storage: Storage, seed: int, rank: int, world_size: int, worker: int,
-                 num_workers: int, buffer: int, start: tuple[int, int]) -> Iterator[tuple[int, int, dict]]:
-    """Endless (epoch, consumed, raw) of one logical worker, beginning after position `start`."""
+                 num_workers: int, buffer: int, start: tuple[int, int],
+                 quota: int | None = None) -> Iterator[tuple[int, int, dict]]:
+    """Endless (epoch, consumed, raw) of one logical worker, beginning after position `start`. With a
+    `quota`, every epoch is exactly that many raw samples: a worker whose shards hold more stops early
+    (the rest waits for a later epoch's shard order), one whose shards hold fewer reads them again."""
     epoch, skip = start
     while True:
         mine = epoch_shards(shards, seed, epoch)[rank::world_size][worker::num_workers]
         rng = np.random.default_rng([SHUFFLE, seed, epoch, rank, worker])
+
+        def passes():  # each pass through the shuffle buffer on its own, so a pass never repeats a sample
+            while True:
+                n = 0
+                for sample in shuffle_buffer((s for url in mine for s in read_tar(url, storage)), rng, buffer):
+                    n += 1
+                    yield sample
+                if quota is None or n == 0:
+                    return
+
         consumed = 0
-        for raw in shuffle_buffer((s for url in mine for s in read_tar(url, storage)), rng, buffer):
+        for raw in passes():
             consumed += 1
             if consumed > skip:  # the first `skip` were handed out before the resume
                 yield epoch, consumed, raw
+            if consumed == quota:
+                break
         if consumed == 0:
             raise RuntimeError(f"rank {rank} worker {worker}: epoch {epoch} read no sample from {mine}")
         if consumed < skip:
@@ -320,8 +345,9 @@ class TrainStream(IterableDataset):
     """The endless batch stream of one rank; each DataLoader worker plays one logical worker."""
 
     def __init__(self, cfg: DataConfig, shards: list[str], tokenizer_path: str, rank: int, world_size: int,
-                 positions: dict[int, list[int]], skipped: dict[int, dict], first_worker: int):
-        self.cfg, self.shards, self.tokenizer_path = cfg, shards, tokenizer_path
+                 positions: dict[int, list[int]], skipped: dict[int, dict], first_worker: int,
+                 per_rank: int | None = None):
+        self.cfg, self.shards, self.tokenizer_path, self.per_rank = cfg, shards, tokenizer_path, per_rank
         self.rank, self.world_size = rank, world_size
         self.positions, self.skipped, self.first_worker = positions, skipped, first_worker
 
@@ -333,7 +359,7 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         stages = [
             partial(train_source, self.shards, cfg.storage, cfg.seed, self.rank, self.world_size, w, W,
-                    cfg.shuffle_buffer, tuple(self.positions[w])),
+                    cfg.shuffle_buffer, tuple(self.positions[w]), worker_quota(self.per_rank, w, W)),
             partial(decode_stage, cfg=cfg, tokenizer_path=self.tokenizer_path, skips=skips, train=True,
                     where=f"rank {self.rank} worker {w}"),
             partial(batch_stage, batch_size=cfg.batch_size, skips=skips, worker=w, keep_last=False),
@@ -432,9 +458,10 @@ def build_train_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_si
         positions = {int(w): [int(e), int(c)] for w, (e, c) in state["epoch_pos"].items()}
         skipped = {int(w): dict(c) for w, c in state.get("skipped", {}).items()}
         first = int(state["next_worker"])
-    stream = TrainStream(cfg, shards, tokenizer_path, rank, world_size, positions, skipped, first)
     total = _num_samples(cfg.train_shards, root, cfg.storage)
-    return TrainLoader(stream, check, None if total is None else total // world_size)
+    per_rank = None if total is None else total // world_size
+    stream = TrainStream(cfg, shards, tokenizer_path, rank, world_size, positions, skipped, first, per_rank)
+    return TrainLoader(stream, check, per_rank)
 
 
 def _resume_check(cfg: DataConfig, rank: int, world_size: int, num_shards: int) -> dict:

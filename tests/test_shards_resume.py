@@ -1,4 +1,5 @@
-"""Exact resume with 2 worker processes, interrupted mid-epoch; ranks with unequal data never run dry."""
+"""Exact resume with 2 worker processes, interrupted mid-epoch; ranks with unequal data never run dry
+and, with a split folder, change epoch together."""
 
 import json
 
@@ -72,6 +73,23 @@ def test_ranks_with_unequal_data_never_run_dry(root):
     epochs = [loader.state_dict()["epoch_pos"][0][0] for loader in loaders]
     assert epochs == [2, 3]  # 28 samples: rank 0 is in its 3rd pass of 10, rank 1 in its 4th pass of 8
     assert build_train_loader(config(), TOKENIZER, 1, 2, root=str(root)).samples_per_epoch == VIDEOS // 2
+
+
+def test_an_epoch_is_the_same_number_of_samples_on_every_rank(root):
+    """10 shards of 2 over 4 ranks: ranks own 6, 6, 4 and 4 samples, but every rank's epoch is
+    20 // 4 = 5 samples, so all change epoch at the same step: the larger ranks stop early (no repeat
+    within an epoch), the smaller read their shards again."""
+    cfg = config(num_workers=1, batch_size=5, shuffle_buffer=1)
+    loaders = [build_train_loader(cfg, TOKENIZER, r, 4, root=str(root)) for r in range(4)]
+    assert [loader.samples_per_epoch for loader in loaders] == [5] * 4
+    for epoch in range(3):
+        keys = [next(loader)["key"] for loader in loaders]
+        assert [loader.state_dict()["epoch_pos"][0] for loader in loaders] == [[epoch, 5]] * 4
+        assert [len(set(k)) for k in keys] == [5, 5, 4, 4]  # ranks 2 and 3 own 4 samples: one comes twice
+    # The position at an epoch's end resumes at the next epoch's start.
+    state = json.loads(json.dumps(loaders[2].state_dict()))
+    resumed = build_train_loader(cfg, TOKENIZER, 2, 4, state=state, root=str(root))
+    assert next(resumed)["key"] == next(loaders[2])["key"]
 
 
 def test_epoch_start_state_begins_a_later_epoch(root):
