@@ -1,6 +1,8 @@
 """End to end: the real `deepspeed` launcher, 2 CPU ranks on gloo, ZeRO-2, save, resume, evaluate."""
+import io
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -138,6 +140,32 @@ def test_finetune_zero_shot_starts_from_the_deepspeed_checkpoint_folder(data, st
     for direction in ("paragraph_to_video", "video_to_paragraph"):
         assert got[direction] == pytest.approx(expected[direction])
     assert f"initialised from {stage1 / 'checkpoints'}" in caplog.text  # the weights came from the folder
+
+
+def test_skipped_samples_reach_the_training_metrics(tmp_path):
+    """One corrupt MP4 in the train shards: training goes on, and metrics.jsonl counts it (summed over ranks)."""
+    import tarfile
+
+    data = tmp_path / "synth"
+    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(data), "--videos", "16", "--val-videos", "8",
+                    "--seed", "3", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO,
+                   capture_output=True)
+    shard = data / "train" / "synth-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".mp4"))
+    with tarfile.open(shard, "w") as tar:  # same members and names; one video's bytes are garbage
+        for m, payload in members:
+            payload = b"\x00not an mp4" * 50 if m.name == victim else payload
+            m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+    run = tmp_path / "run"
+    launch(run, data, 3, "train.eval_at_end=false")  # 3 steps x 4 per rank: every rank's epoch of 8 is read
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    skipped = rows[-1]["skipped"]  # counted each time an epoch reads it (the bad shard may come round again)
+    assert set(skipped) == {"bad_video"} and skipped["bad_video"] >= 1, rows[-1]
+    assert all(math.isfinite(r["loss"]) for r in rows)
 
 
 def run_py(*args):
