@@ -64,3 +64,27 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def exit_with_launcher() -> bool:
+    """Under DeepSpeed's per-node launcher (deepspeed.launcher.launch), have the kernel kill this rank
+    when the launcher dies. A kill -9 of the launcher otherwise leaves its ranks training on as orphans,
+    beside the run that resumes them. Returns whether the watch was set (Linux, under that launcher)."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"deepspeed.launcher.launch" not in f.read():
+                return False  # started by hand, srun or another launcher: leave the process alone
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except OSError:
+        return False
+    if os.getppid() != parent:  # the launcher died before the watch was set
+        os._exit(1)
+    return True

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     from pretrain.train import check_run_dir, prepare_run_dir, train
 
     check_run_dir(run_dir, args.resume)
+    dist_utils.exit_with_launcher()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
         clean_node()
     deepspeed.init_distributed()

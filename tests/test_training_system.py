@@ -72,7 +72,27 @@ def rank_pids(launcher_pid):
     return [p for p in found if parent[p] not in found]  # not the ranks' forked data-loader workers
 
 
-def test_kill_minus_nine_of_a_rank_then_resume_continues_exactly(data, reference, tmp_path):
+def launcher_pid(runner_pid):
+    """DeepSpeed's per-node launcher (deepspeed.launcher.launch) under the `deepspeed` runner."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == runner_pid and b"deepspeed.launcher.launch" in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("victim", ["rank", "launcher"])
+def test_kill_minus_nine_then_resume_continues_exactly(victim, data, reference, tmp_path):
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "pretrain" / "run.py"),
            "--config", str(REPO / "pretrain/configs/demo.yaml"), "--run-dir", str(tmp_path), *TINY,
@@ -86,10 +106,19 @@ def test_kill_minus_nine_of_a_rank_then_resume_continues_exactly(data, reference
         if (tmp_path / "metrics.jsonl").exists() and any(r["step"] >= 5 for r in metrics(tmp_path)):
             break
         time.sleep(0.01)
-    victims = rank_pids(proc.pid)
-    assert victims, "no rank processes found"
-    os.kill(victims[-1], signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0  # the launcher notices and fails the job
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, "no rank processes found"
+    if victim == "rank":
+        os.kill(ranks[-1], signal.SIGKILL)
+    else:  # the node's launcher: its ranks must not train on as orphans beside the resumed run
+        os.kill(launcher_pid(proc.pid), signal.SIGKILL)
+    code = proc.wait(timeout=120)
+    # The job fails. (DeepSpeed's runner exits 0 when its launcher dies of a signal: it checks returncode > 0.)
+    assert code != 0 if victim == "rank" else code in (0, 1)
+    deadline = time.time() + 3  # at once: orphans would go on training (3 more steps and 2 saves)
+    while any(alive(p) for p in ranks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in ranks), "ranks outlived the kill"
     assert (tmp_path / "checkpoints" / "latest").read_text() in ("global_step4", "global_step6", "global_step8")
     launch(tmp_path, data, 8, "train.eval_at_end=false", resume=True)
     rows = metrics(tmp_path)
