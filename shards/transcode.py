@@ -5,7 +5,10 @@
   a codec MP4 cannot hold falls back to re-encoding at the source frame rate.
 - re-encode: H.264 (libx264, else MPEG-4 Part 2) at `fps` (frames picked by time: the frame on
   screen at each output tick), short side scaled down to `short_side`, a keyframe every
-  `gop_seconds`, no audio. Frames stream through; a long video is never held in memory.
+  `gop_seconds`, no audio. Frames stream through; a long video is never held in memory. A display
+  rotation (phone video) is applied to the pixels, so the stored video, and any depth computed from
+  its frames, is upright without one.
+Copied and remuxed videos keep their display rotation; the reader applies it (shards.video).
 """
 
 import shutil
@@ -16,7 +19,7 @@ import av
 import numpy as np
 from av.video.frame import PictureType
 
-from shards.video import EmptyVideoError, Probe, probe, video_codec
+from shards.video import EmptyVideoError, Probe, probe, quarter_turns, rgb_to_yuv420p, video_codec
 
 EPS = 1e-6
 MP4_FAMILY = "mov,mp4,m4a,3gp,3g2,mj2"
@@ -59,6 +62,12 @@ def remux(src: str, dst: str) -> None:
             fout.mux(packet)
 
 
+def _chain(first, rest):
+    if first is not None:
+        yield first
+        yield from rest
+
+
 def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
     """Scale so the short side is at most `short_side` (never up), both sides even (yuv420p)."""
     scale = min(1.0, short_side / min(width, height)) if short_side else 1.0
@@ -74,7 +83,11 @@ def reencode(src: str, dst: str, fps: float | None, short_side: int | None, gop_
         source_rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(source_rate).limit_denominator(1001)
         ctx = stream.codec_context
-        width, height = output_size(ctx.width, ctx.height, short_side)
+        frames = fin.decode(stream)
+        first = next(frames, None)
+        turns = quarter_turns(first) if first is not None else 0
+        shown = (ctx.height, ctx.width) if turns % 2 else (ctx.width, ctx.height)  # as displayed
+        width, height = output_size(*shown, short_side)
         out = fout.add_stream(video_codec(), rate=rate)
         out.width, out.height, out.pix_fmt = width, height, "yuv420p"
         out.codec_context.thread_count = threads
@@ -89,7 +102,12 @@ def reencode(src: str, dst: str, fps: float | None, short_side: int | None, gop_
 
         def emit(frame: av.VideoFrame) -> None:
             nonlocal written
-            small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            if turns:  # scale in the stored orientation, then turn the pixels upright
+                w, h = (height, width) if turns % 2 else (width, height)
+                rgb = np.rot90(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray(), turns)
+                small = av.VideoFrame.from_ndarray(rgb_to_yuv420p(np.ascontiguousarray(rgb)), format="yuv420p")
+            else:
+                small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
             small.pts, small.time_base = written, 1 / rate
             small.pict_type = PictureType.NONE  # the encoder picks frame types, not the source's I/P/B
             if on_frame is not None:
@@ -100,7 +118,7 @@ def reencode(src: str, dst: str, fps: float | None, short_side: int | None, gop_
         resample = fps is not None
         origin, tb = stream.start_time or 0, float(stream.time_base)
         current, current_t = None, 0.0
-        for frame in fin.decode(stream):
+        for frame in _chain(first, frames):
             t = (frame.pts - origin) * tb if frame.pts is not None else current_t + 1 / float(source_rate)
             if not resample:
                 emit(frame)

@@ -142,7 +142,19 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     global _reformatter
     if _reformatter is None or _reformatter[0] != os.getpid():
         _reformatter = (os.getpid(), VideoReformatter())
-    return _reformatter[1].reformat(frame, format="rgb24", threads=1).to_ndarray()
+    return upright(_reformatter[1].reformat(frame, format="rgb24", threads=1).to_ndarray(), frame)
+
+
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns that show the frame upright, from its display matrix (phones
+    store portrait video as landscape pixels plus a rotation); 0 without one."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def upright(rgb: np.ndarray, frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) pixels as stored -> as displayed, turned by the frame's display rotation."""
+    k = quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
 class _Reader:
