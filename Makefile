@@ -17,11 +17,15 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
+	@echo "[setup 1/4] virtual environment in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "[setup 2/4] $(TORCH) (CPU build; about a minute)"
 	$(PY) -m pip install --quiet "$(TORCH)"
+	@echo "[setup 3/4] the project and its dependencies (DeepSpeed, WebDataset, PyAV, transformers, ...; 1-2 minutes)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pretrain.ops  # compile DeepSpeed's CPU ops once, before parallel launches wait on them
+	@echo "[setup 4/4] compiling DeepSpeed's CPU ops once (about a minute)"
+	$(PY) -m pretrain.ops  # before parallel launches wait on them
 	touch $@
 
 data: $(DATA)/val/index.json
