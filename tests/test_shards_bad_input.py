@@ -26,7 +26,8 @@ def sample(key: str, index: int = 0, **json_changes) -> dict[str, bytes]:
 def run(tmp_path, bad: dict[str, bytes], **cfg) -> tuple[list[str], dict]:
     """good0, the bad members, good1 in one shard -> (keys of two epochs of train batches, skip counts)."""
     write_tar(str(tmp_path / "s-000000.tar"), sample("good0", 0) | bad | sample("good1", 1))
-    (tmp_path / "index.json").write_text(json.dumps({"shards": ["s-000000.tar"], "counts": [3]}))
+    count = 2 + len({name.split(".", 1)[0] for name in bad})  # the index says how many samples the shard holds
+    (tmp_path / "index.json").write_text(json.dumps({"shards": ["s-000000.tar"], "counts": [count]}))
     config = DataConfig(**({"train_shards": str(tmp_path), "val_shards": str(tmp_path), "num_clips": 4,
                             "frames_per_clip": 3, "size": 32, "batch_size": 1, "shuffle_buffer": 1,
                             "num_workers": 0} | cfg))
