@@ -15,9 +15,9 @@ setup(
         "webdataset>=0.2.90",
         "transformers>=4.44",
         "accelerate>=0.33",
-        "s3fs",
+        "s3fs>=2024.1",  # unpinned, pip backtracks to 0.4 (2019) to fit boto3: slow and unmaintained
         "tensorboard",
-        "av>=12",
+        "av>=14",  # VideoFrame.rotation (display matrices of phone videos)
         "tqdm",
         "pyyaml",
         "numpy",
