@@ -148,7 +148,7 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
 def quarter_turns(frame: av.VideoFrame) -> int:
     """Counter-clockwise quarter turns that show the frame upright, from its display matrix (phones
     store portrait video as landscape pixels plus a rotation); 0 without one."""
-    return round((frame.rotation or 0) / 90) % 4
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
 
 
 def upright(rgb: np.ndarray, frame: av.VideoFrame) -> np.ndarray:
