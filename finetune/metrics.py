@@ -28,7 +28,10 @@ def rank_counts(similarity: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tens
 def retrieval_ranks(similarity: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """1-based rank of each query's ground truth, ties broken at random, in expectation: 1 + above +
     tied / 2. A collapsed model (all scores equal) gets the chance rank (n + 1) / 2, not rank 1."""
-    above, tied = rank_counts(similarity, chunk)
+    return _expected_rank(*rank_counts(similarity, chunk))
+
+
+def _expected_rank(above: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
     return 1.0 + above.double() + tied.double() / 2
 
 
@@ -42,7 +45,7 @@ def retrieval_metrics(similarity: torch.Tensor, chunk: int = 1024) -> dict[str, 
     """R@1/5/10 in percent, median and mean rank, for queries (rows) against videos (columns); ties
     between the ground truth and other videos are broken at random, in expectation."""
     above, tied = rank_counts(similarity, chunk)
-    ranks = 1.0 + above.double() + tied.double() / 2
+    ranks = _expected_rank(above, tied)
     out = {f"R{k}": _expected_recall(above, tied, k) for k in (1, 5, 10)}
     out["MedR"] = ranks.quantile(0.5).item()  # the mean of the two middle ranks when their number is even
     out["MeanR"] = ranks.mean().item()

@@ -91,7 +91,7 @@ class Config:
         for i, kind in enumerate(v.attention):  # HTWA windows must tile the (frames, grid) each stage sees
             tw, (sh, sw) = min(v.temporal_windows[i], frames), (min(n, grid) for n in v.spatial_window)
             if kind == "htwa":
-                _check(tw >= 1 and frames % tw == 0 and grid % sh == 0 and grid % sw == 0,
+                _check(min(tw, sh, sw) >= 1 and frames % tw == 0 and grid % sh == 0 and grid % sw == 0,
                        f"model.video.temporal_windows[{i}] / spatial_window",
                        f"windows that tile stage {i}'s input: {frames} frames and a {grid}x{grid} patch grid "
                        f"(got {v.temporal_windows[i]} frames, {v.spatial_window} patches)")

@@ -11,6 +11,7 @@
 Copied and remuxed videos keep their display rotation; the reader applies it (shards.video).
 """
 
+import itertools
 import shutil
 from fractions import Fraction
 from typing import Callable
@@ -19,7 +20,7 @@ import av
 import numpy as np
 from av.video.frame import PictureType
 
-from shards.video import EmptyVideoError, Probe, probe, quarter_turns, rgb_to_yuv420p, video_codec
+from shards.video import EmptyVideoError, Probe, probe, quarter_turns, rgb_to_yuv420p, upright, video_codec
 
 EPS = 1e-6
 MP4_FAMILY = "mov,mp4,m4a,3gp,3g2,mj2"
@@ -62,12 +63,6 @@ def remux(src: str, dst: str) -> None:
             fout.mux(packet)
 
 
-def _chain(first, rest):
-    if first is not None:
-        yield first
-        yield from rest
-
-
 def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
     """Scale so the short side is at most `short_side` (never up), both sides even (yuv420p)."""
     scale = min(1.0, short_side / min(width, height)) if short_side else 1.0
@@ -104,8 +99,8 @@ def reencode(src: str, dst: str, fps: float | None, short_side: int | None, gop_
             nonlocal written
             if turns:  # scale in the stored orientation, then turn the pixels upright
                 w, h = (height, width) if turns % 2 else (width, height)
-                rgb = np.rot90(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray(), turns)
-                small = av.VideoFrame.from_ndarray(rgb_to_yuv420p(np.ascontiguousarray(rgb)), format="yuv420p")
+                rgb = upright(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray(), frame)
+                small = av.VideoFrame.from_ndarray(rgb_to_yuv420p(rgb), format="yuv420p")
             else:
                 small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
             small.pts, small.time_base = written, 1 / rate
@@ -118,7 +113,7 @@ def reencode(src: str, dst: str, fps: float | None, short_side: int | None, gop_
         resample = fps is not None
         origin, tb = stream.start_time or 0, float(stream.time_base)
         current, current_t = None, 0.0
-        for frame in _chain(first, frames):
+        for frame in itertools.chain([first] if first is not None else [], frames):
             t = (frame.pts - origin) * tb if frame.pts is not None else current_t + 1 / float(source_rate)
             if not resample:
                 emit(frame)
