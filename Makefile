@@ -42,7 +42,7 @@ demo: pretrain
 	$(PY) -m pretrain.evaluate $(RUN)/eval.json --min-over-chance 5  # fails if the model learned nothing
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 clean:
 	rm -rf $(RUN) $(DATA)

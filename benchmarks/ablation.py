@@ -7,7 +7,7 @@ Builds one corpus (long videos of 8 events with depth and image-plane relations;
 once, then trains every variant in this process (world size 1, plain PyTorch with the trainer's own
 optimizer, LR schedule and gradient clipping; no DeepSpeed engine, whose ZeRO-2 on one rank is the same
 AdamW step) for the same number of steps per seed, and scores it on the held-out split with
-`pretrain.probes`: paragraph-to-video R@1, temporal-order and geometry probes (chance 50%), GFLOPs of
+`benchmarks/probes.py`: paragraph-to-video R@1, temporal-order and geometry probes (chance 50%), GFLOPs of
 one video-encoder forward pass (`pretrain.flops`) and training samples/s. Prints a Markdown table that
 marks each difference from the variant's reference larger than two standard errors (over seeds), and
 writes every number (per seed too) to --out as JSON.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # sibling modules (probes) import by name, as `common` does
 
 # Each variant changes one thing against its reference (the third field), on the same stage widths, so
 # a difference comes from the mechanism. The baseline is full_small: four stages of full space-time
@@ -67,40 +68,35 @@ def make_corpus(out: Path, videos: int, val: int, events: int, size: int) -> Non
 
 
 def train_variant(overrides: list[str], seed: int, steps: int) -> tuple[object, object, float]:
-    """-> (trained model, config, training samples/s over the steps after the first 3)."""
+    """-> (trained model, config, training samples/s over the steps after the first 3). The training core's
+    loop (`pretrain.trainer.fit`) on its plain-PyTorch backend, in a run folder that is thrown away."""
+    import tempfile
+
     import torch
 
-    from pretrain.config import REPO_ROOT, load_config
+    from pretrain.backends import TorchBackend
+    from pretrain.config import load_config
     from pretrain.model import VideoTextModel
-    from pretrain.train import build_optimizer, build_scheduler, step_generator
-    from shards.loader import build_train_loader
+    from pretrain.train import build_optimizer
+    from pretrain.trainer import build_scheduler, fit, step_generator
 
     cfg = load_config(REPO / "benchmarks/configs/ablation.yaml",
                       [*overrides, f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
-                       f"train.warmup_steps={max(1, steps // 10)}"])
+                       f"train.warmup_steps={max(1, steps // 10)}", "train.log_every=1", f"train.save_every={steps}"])
     torch.manual_seed(seed)
     model = VideoTextModel(cfg.model)
     model.freeze(cfg.model.freeze)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    loader = build_train_loader(cfg.data, cfg.model.text.resolved_path(), 0, 1, root=str(REPO_ROOT))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    timed, t_start = 0, None
-    for step in range(steps):
-        if step == min(3, steps - 1):
-            t_start, timed = time.perf_counter(), 0
-        batch = next(loader)
-        out = model(batch, generator=step_generator(cfg.train.seed, step))
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        timed += cfg.data.batch_size
-    loader.close()
-    samples_per_s = timed / (time.perf_counter() - t_start)
+    backend = TorchBackend(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train.grad_clip)
+
+    def forward(batch, step, micro):
+        return model(batch, generator=step_generator(cfg.train.seed, step))
+
+    with tempfile.TemporaryDirectory(prefix="ablation-run-") as run_dir:
+        fit(backend, forward, cfg, Path(run_dir), resume=False, desc=f"seed {seed}")
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["step"] > min(3, steps - 1)]
+    samples_per_s = len(timed) * cfg.data.batch_size / sum(cfg.data.batch_size / r["samples_per_s"] for r in timed)
     return model, cfg, samples_per_s
 
 
@@ -197,7 +193,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from pretrain.probes import evaluate_probes
+    from probes import evaluate_probes
 
     events, extra = 8, []
     if args.quick:

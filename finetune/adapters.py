@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from shards.adapters import VideoIndex, _strip_ext
+from shards.adapters import VideoIndex, strip_video_ext
 from shards.storage import Storage
 
 log = logging.getLogger("finetune")
@@ -101,7 +101,7 @@ def violin(path: str, split: str) -> Iterator[Record]:
         qa = [{"question": s, "choices": ["true", "false"], "answer": answer}
               for real, fake in clip["statement"] for s, answer in ((real, 0), (fake, 1))]
         file = str(clip["file"]).strip()
-        yield Record(str(clip_id), [file, _strip_ext(file)], whole_video(clip["statement"][0][0]), {"qa": qa})
+        yield Record(str(clip_id), [file, strip_video_ext(file)], whole_video(clip["statement"][0][0]), {"qa": qa})
 
 
 def activitynet_qa(questions_path: str, answers_path: str) -> Iterator[Record]:

@@ -1,8 +1,9 @@
-"""Finetuning configuration: the pretraining dataclasses (data, model, train) plus a `task` section.
+"""Finetuning configuration: `FinetuneConfig` extends pretraining's `Config` (data, model, train) with a
+`task` section and the finetune schedule, and is loaded and saved by pretraining's one loader
+(`pretrain.config.load_config(path, overrides, FinetuneConfig)`, `save_config`).
 
 Precedence: dataclass defaults < the `base:` file(s) < the YAML file < the pretrained checkpoint's
-architecture (with `--init` / `model.init_from`) < dotted command-line overrides. Unknown keys and
-bad values are rejected by `pretrain.config.from_dict`, naming the key.
+architecture (with `--init` / `model.init_from`) < dotted command-line overrides.
 
 - `base: other.yaml` (relative to the file): a recipe's `*_debug` variant is its full recipe plus
   the few keys that shrink it to synthetic data on a CPU; mappings merge key by key.
@@ -10,27 +11,24 @@ bad values are rejected by `pretrain.config.from_dict`, naming the key.
   `model.fusion_layers` when the checkpoint has a fusion stack) come from the config saved beside
   it (`OUT.yaml` next to an exported `OUT.pt`, or `RUN/config.yaml` above `RUN/checkpoints`),
   because weights only load into the architecture they were trained with.
+- Every cross-field check of pretraining's config about what finetuning builds (the video encoder's
+  windows and grids, frames and data sizes) runs here too; of `model.loss.*` finetuning reads only
+  `temperature` (the retrieval head's), so any other `model.loss` key is rejected when set.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-import yaml
-
-from pretrain.config import ConfigError, TrainConfig, from_dict, parse_override, resolve_path, set_dotted, to_dict
-from pretrain.model import ModelConfig
-from pretrain.video_encoder import preset_values
-from shards.loader import DataConfig
+from pretrain.config import Config, ConfigError, TrainConfig, check_value as _check, load_config  # noqa: F401
+from pretrain.config import pretrained_config_path, save_config  # noqa: F401  (re-exported for finetune.train)
+from pretrain.model import LossConfig
 
 TaskName = Literal["retrieval", "qa_mc", "qa_open", "caption", "zeroshot"]
-ARCHITECTURE_KEYS = ("video", "text", "embed_dim")
-
-
-def _check(ok: bool, key: str, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"bad value for {key}: expected {allowed}")
+LOSS_KEYS_USED = ("temperature",)  # of model.loss.*, what finetuning reads (RetrievalHead's temperature)
 
 
 @dataclass
@@ -65,7 +63,7 @@ class TaskConfig:
     def __post_init__(self):
         for name in ("query_words", "question_words", "caption_words", "num_choices", "answer_vocab_size",
                      "caption_min_count", "decoder_layers", "decoder_dim", "decoder_heads", "beam_size"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"task.{name}", "an integer >= 1")
+            _check(getattr(self, name) >= 1, f"task.{name}", "an integer >= 1")
         _check(self.num_choices >= 2, "task.num_choices", "an integer >= 2")
         _check(self.decoder_dim % self.decoder_heads == 0, "task.decoder_dim",
                f"a multiple of task.decoder_heads ({self.decoder_heads})")
@@ -86,104 +84,47 @@ class FinetuneTrainConfig(TrainConfig):
 
 
 @dataclass
-class FinetuneConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class FinetuneConfig(Config):
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
 
+    COMMAND: typing.ClassVar[str] = "finetuning"
+    INHERITS_ARCHITECTURE: typing.ClassVar[bool] = True
+
     def __post_init__(self):
-        d, v, t = self.data, self.model.video, self.task
-        frames = d.num_clips * d.frames_per_clip
-        _check(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
-               f"at most model.video.max_frames = {v.max_frames} (got {frames})")
-        _check(d.size % v.patch_size == 0, "data.size", f"a multiple of model.video.patch_size = {v.patch_size}")
+        super().__post_init__()  # the data and video encoder checks of every command
+        d, t = self.data, self.task
         if t.name in ("qa_mc", "qa_open"):
             _check(self.model.fusion_layers >= 1, "model.fusion_layers",
                    f">= 1 for task {t.name}: answers are scored through the cross-modal fusion stack")
         if t.name in ("qa_mc", "qa_open", "caption") or (t.name in ("retrieval", "zeroshot") and t.query == "all"):
             _check(d.hflip == 0, "data.hflip", f"0 for task {t.name}: labels read from KEY.json are not mirrored "
                    "with the frames (only the loader's clip sentences are)")
-        _check(d.num_clips <= self.model.text.max_sentences, "data.num_clips",
-               f"at most model.text.max_sentences = {self.model.text.max_sentences}")
+        if t.name in ("retrieval", "zeroshot") and t.query == "all":
+            _check(d.num_clips * t.query_words <= self.model.text.max_tokens, "data.num_clips * task.query_words",
+                   f"at most model.text.max_tokens = {self.model.text.max_tokens} "
+                   f"(got {d.num_clips * t.query_words})")
 
+    def check_losses(self) -> None:
+        """Pretraining's objectives do not run here (model.loss.temperature > 0 is LossConfig's own check)."""
 
-# ---- loading ---------------------------------------------------------------------------------
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml(path: str | Path, seen: tuple = ()) -> dict:
-    """A config file with its `base:` chain merged in (the file's own keys win)."""
-    path = Path(path).resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: `base:` loops back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    base = data.pop("base", None)
-    if base:
-        data = _merge(read_yaml(path.parent / base, seen + (path,)), data)
-    return data
-
-
-def pretrained_config_path(init: str) -> Path | None:
-    """The config saved beside a pretrained checkpoint: OUT.yaml for OUT.pt, RUN/config.yaml for RUN/checkpoints."""
-    p = Path(init)
-    candidates = [p.with_suffix(".yaml")] if p.suffix == ".pt" else [p / "config.yaml", p.parent / "config.yaml"]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def inherit_architecture(data: dict, init: str) -> Path | None:
-    """Put the pretrained model's architecture into `data` (in place); returns the config file used."""
-    path = pretrained_config_path(init)
-    if path is None:
-        return None
-    saved = (yaml.safe_load(path.read_text()) or {}).get("model", {})
-    model = data.setdefault("model", {})
-    for key in ARCHITECTURE_KEYS:
-        if key in saved:
-            model[key] = saved[key]
-    if saved.get("fusion_layers"):
-        model["fusion_layers"] = saved["fusion_layers"]
-    return path
+    @classmethod
+    def unused_keys(cls, data: dict) -> dict[str, str]:
+        train = data.get("train") if isinstance(data.get("train"), dict) else {}
+        schedule = train.get("schedule", FinetuneTrainConfig.schedule)
+        out = super().unused_keys(data)
+        out |= {f"model.loss.{f.name}": "of model.loss.* it reads only temperature, the retrieval head's"
+               for f in dataclasses.fields(LossConfig) if f.name not in LOSS_KEYS_USED}
+        if schedule == "cosine":
+            for key in ("decay_every", "decay_factor"):
+                out[f"train.{key}"] = "with train.schedule=cosine; only train.schedule=step reads it"
+        elif schedule == "step":
+            out["train.min_lr_ratio"] = "with train.schedule=step; only train.schedule=cosine reads it"
+        return out
 
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = (), task: str | None = None,
                          init: str | None = None) -> FinetuneConfig:
-    data = read_yaml(path) if path is not None else {}
-    parsed = [parse_override(item) for item in overrides]
-    if task is not None:
-        parsed.append((["task", "name"], task))
-    if init is not None:
-        parsed.append((["model", "init_from"], init))
-    init_from = next((v for k, v in parsed if k == ["model", "init_from"]), data.get("model", {}).get("init_from"))
-    if init_from:
-        inherit_architecture(data, resolve_path(str(init_from)))
-    for keys, value in parsed:
-        set_dotted(data, keys, value)
-    video = data.get("model", {}).get("video", {})
-    if isinstance(video, dict) and video.get("preset"):
-        try:
-            data["model"]["video"] = {**preset_values(video["preset"]), **video}
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    try:
-        return from_dict(FinetuneConfig, data)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e)) from e
-
-
-def save_finetune_config(cfg: FinetuneConfig, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    """pretrain.config.load_config for finetuning, with `--task` and `--init` as the last overrides."""
+    extra = ([("task.name", task)] if task is not None else []) + ([("model.init_from", init)] if init else [])
+    return load_config(path, [*overrides, *extra], FinetuneConfig)

@@ -20,6 +20,7 @@ from collections import Counter
 
 import numpy as np
 
+from pretrain.metrics import WORD, words  # noqa: F401  (the tokeniser the caption metrics use; re-exported)
 from shards.format import read_tar, resolve_shards, sample_key
 from shards.storage import Storage
 from shards.synth import COLOURS, SHAPES
@@ -170,14 +171,6 @@ class SplitLabels:
 
 
 # ---- vocabularies --------------------------------------------------------------------------------
-
-WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased word tokens without punctuation (as the COCO caption evaluation's PTB tokenizer leaves them)."""
-    return WORD.findall(text.lower())
-
 
 def answer_vocab(answers: list[str], size: int) -> list[str]:
     """The `size` most frequent answers (normalised), most frequent first, ties alphabetical."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.metrics import chance_metrics, format_table
+from pretrain.metrics import chance_metrics, format_table
 from pretrain import distributed as dist_utils
 
 LABELS = {"zero_shot": "zero-shot", "before": "before finetuning", "after": "finetuned"}

@@ -1,5 +1,5 @@
-"""Finetuning entry point: paragraph-to-video retrieval, multiple-choice and open-ended video QA,
-captioning, and zero-shot retrieval of a pretrained checkpoint.
+"""Finetuning entry point: paragraph-to-video retrieval, multiple-choice and open QA, captioning, and
+zero-shot retrieval of a pretrained checkpoint.
 
     python finetune/run.py --task retrieval --config finetune/configs/anet_retrieval_debug.yaml \
         [--init runs/demo/checkpoints | model.pt] [--run-dir runs/ft] [--resume] [dotted.key=value ...]
@@ -7,8 +7,11 @@ captioning, and zero-shot retrieval of a pretrained checkpoint.
         --deepspeed_config_file ds_configs/zero2.json finetune/run.py --task ... --config ...
 
 Exit codes (launchers/slurm/finetune.sbatch relies on them): 0 done; 3 stopped early (SIGUSR1,
-SIGTERM or train.exit_interval) after saving a checkpoint, rerun with --resume; 2 bad config or data.
-`--resume` without a checkpoint starts from step 0.
+SIGTERM or train.exit_interval) after saving a checkpoint, rerun with --resume; 2 a pre-launch check
+failed, before any process group starts: one line on stderr, "config error: ..." (config or base file,
+a bad key or value, DeepSpeed JSON), "data error: ..." (shard sets, through data.s3_endpoint; label
+files) or "input error: ..." (--init / model.init_from; a run folder that holds another run without
+--resume). `--resume` without a checkpoint starts from step 0.
 """
 from __future__ import annotations
 
@@ -20,7 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-from pretrain.config import ConfigError, REPO_ROOT, resolve_path  # noqa: E402
+from finetune.config import FinetuneConfig  # noqa: E402
+from pretrain.config import REPO_ROOT, load_config, resolve_path  # noqa: E402
+from pretrain.run import prelaunch, reported_as  # noqa: E402
+from pretrain.weights import WeightsError, check_source  # noqa: E402
+from shards.preflight import MissingInput, require_file, require_shards  # noqa: E402
 
 RESUME_ME = 3
 TASK_NAMES = ("retrieval", "qa_mc", "qa_open", "caption", "zeroshot")
@@ -30,7 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Finetune or evaluate a pretrained long-form video-language model.")
     p.add_argument("--task", choices=TASK_NAMES, default=None, help="default: task.name of the config")
     p.add_argument("--config", required=True, help="recipe YAML (finetune/configs/)")
-    p.add_argument("--init", default=None, help="pretrained weights: a checkpoint folder or an exported .pt (model.init_from)")
+    p.add_argument("--init", default=None, help="pretrained weights: a checkpoint folder, a run folder or an "
+                   "exported .pt (model.init_from)")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--ds-config", default=None, help="train under DeepSpeed with this JSON (accelerate launch "
@@ -40,41 +48,75 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # options may come after the overrides
 
 
-def check_data(cfg) -> None:
-    from shards.format import resolve_shards
+def deepspeed_json(cfg: FinetuneConfig, ds_config: str | None) -> tuple[str, str] | None:
+    """(path, what) of the DeepSpeed JSON this run will use, or None when it trains without DeepSpeed:
+    --ds-config, else under `accelerate launch --use_deepspeed` its --deepspeed_config_file or train.ds_config."""
+    if ds_config:
+        return ds_config, "DeepSpeed config (--ds-config)"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            return os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], "DeepSpeed config (--deepspeed_config_file)"
+        return cfg.train.ds_config, "DeepSpeed config (train.ds_config)"
+    return None
 
-    specs = [cfg.data.val_shards] + ([cfg.data.train_shards] if cfg.task.name != "zeroshot" else [])
-    for spec in specs:
-        for shard in resolve_shards(spec, str(REPO_ROOT), cfg.data.storage):
-            if "://" not in shard and not os.access(shard, os.R_OK):
-                raise OSError(f"shard {shard} is missing or unreadable")
-    for path in (cfg.task.train_labels, cfg.task.val_labels, cfg.model.init_from):
-        if path and not os.path.exists(resolve_path(path)):
-            raise OSError(f"{path} does not exist")
+
+def check_inputs(cfg: FinetuneConfig, ds_config: str | None, init_flag: bool) -> None:
+    """Every input the run reads exists and is readable, through the configured storage (data.s3_endpoint)."""
+    storage, root, t = cfg.data.storage, str(REPO_ROOT), cfg.task
+    ds = deepspeed_json(cfg, ds_config)
+    if ds is not None:
+        from pretrain.backends import build_ds_config
+
+        path = os.path.abspath(ds[0]) if os.path.exists(ds[0]) else resolve_path(ds[0])  # as build_accelerator finds it
+        with reported_as("config error"):
+            require_file(path, ds[1])
+        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), path)  # parses and checks it (ConfigError)
+    with reported_as("data error"):
+        if t.name != "zeroshot":
+            require_shards(cfg.data.train_shards, root, storage, what="data.train_shards")
+        require_shards(cfg.data.val_shards, root, storage, what="data.val_shards")
+        labels = [("task.val_labels", t.val_labels)] + ([("task.train_labels", t.train_labels)] if t.name != "zeroshot" else [])
+        for key, path in labels:
+            if path:
+                require_file(resolve_path(path), f"label file ({key})", storage)
+    if cfg.model.init_from:
+        try:
+            check_source(resolve_path(cfg.model.init_from))
+        except WeightsError as e:
+            raise MissingInput(f"{'--init' if init_flag else 'model.init_from'}: {e}") from None
+
+
+def preflight(args) -> tuple[FinetuneConfig, Path]:
+    """Load and check the config and every input before any process starts. Raises ConfigError,
+    MissingInput or SystemExit (a run folder that holds another run's checkpoints)."""
+    config = resolve_path(args.config)
+    with reported_as("config error"):
+        require_file(config, "config file")
+    extra = ([("task.name", args.task)] if args.task else []) + ([("model.init_from", resolve_path(args.init))]
+                                                                 if args.init else [])
+    cfg = load_config(config, [*args.overrides, *extra], FinetuneConfig)
+    check_inputs(cfg, args.ds_config, bool(args.init))
+    run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
+    from pretrain.trainer import check_run_dir
+
+    check_run_dir(run_dir, args.resume)
+    return cfg, run_dir
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    checked, failed = prelaunch(preflight, args)  # stops the run before any process group starts
+    if failed:
+        return failed
+    cfg, run_dir = checked
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from finetune.config import load_finetune_config
-
-    try:  # a bad config stops the run before any process group starts
-        cfg = load_finetune_config(resolve_path(args.config), args.overrides, args.task,
-                                   resolve_path(args.init) if args.init else None)
-        check_data(cfg)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     from finetune.train import run
     from pretrain.ops import clean_node
-    from pretrain.train import check_run_dir
 
-    check_run_dir(run_dir, args.resume)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
         clean_node()
     finished = run(cfg, run_dir, args.resume, args.ds_config, Path(args.config).name)

@@ -18,7 +18,7 @@ from finetune.config import FinetuneConfig
 from finetune.decoder import CaptionDecoder
 from finetune.heads import AnswerClassifier, MultipleChoiceHead, RetrievalHead, TaskModel, video_frames
 from finetune.labels import SplitLabels, WordVocab, answer_vocab, normalise_answer
-from finetune.metrics import accuracy, caption_metrics, chance_metrics, recall_curve, retrieval_metrics
+from pretrain.metrics import accuracy, caption_metrics, chance_metrics, recall_curve, retrieval_metrics
 from pretrain import distributed as dist_utils
 from pretrain.config import REPO_ROOT, resolve_path
 from pretrain.model import VideoTextModel

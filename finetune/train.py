@@ -1,44 +1,38 @@
-"""Finetuning under `accelerate`: build_* functions, then train_step, train, and `run` (called by run.py).
+"""Finetuning on the training core: an `accelerate` Accelerator, the task model, then `trainer.fit`.
 
 One process per rank. `accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zeroN.json`
 (or `run.py --ds-config`) wraps the model in a DeepSpeed engine through accelerate's DeepSpeed
 plugin; a plain `python finetune/run.py` trains in PyTorch on one process. The DeepSpeed JSON gets
-its batch sizes, clipping and precision from the run config (`pretrain.train.build_ds_config`).
+its batch sizes, clipping and precision from the run config (`pretrain.backends.build_ds_config`).
 
-Checkpoints: `RUN/checkpoints/stepN/` is `accelerator.save_state` (model, optimizer, LR schedule,
-every rank's RNG states; DeepSpeed's sharded files under DeepSpeed) plus `trainstate.json` (step and
-every rank's data position); `latest` names the newest complete one and moves only after every rank
-has written. `--resume` continues from it at the same world size.
+The loop, checkpoints (`RUN/checkpoints/global_stepN/`: accelerate's save_state plus the TrainState),
+retention, stop signals, the non-finite guard and the metrics are pretraining's (`pretrain/trainer.py`).
+`--resume` continues from the latest checkpoint at the same world size.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import signal
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from finetune.config import FinetuneConfig, pretrained_config_path, save_finetune_config
+from finetune.config import FinetuneConfig
 from finetune.heads import TaskModel
 from finetune.report import write_report
 from finetune.tasks import TASKS, Task
-from pretrain import checkpoint, distributed as dist_utils
-from pretrain.config import REPO_ROOT, resolve_path
+from pretrain import distributed as dist_utils
+from pretrain.backends import AccelerateBackend, build_ds_config
+from pretrain.config import pretrained_config_path, resolve_path, save_config
 from pretrain.model import VideoTextModel
 from pretrain.ops import release_shm_names
-from pretrain.train import (MetricsLog, NonfiniteGuard, RunState, StopSignal, build_ds_config,
-                            build_scheduler as cosine_scheduler, memory_gib, step_taken, zero_loss)
-from shards.loader import build_train_loader
+from pretrain.trainer import build_scheduler, fit, param_groups
+from pretrain.weights import load_weights
 
 log = logging.getLogger("finetune")
-LATEST = checkpoint.LATEST
 
 
 # ---- wiring ---------------------------------------------------------------------------------------
@@ -95,7 +89,8 @@ def build_model(cfg: FinetuneConfig, task: Task) -> TaskModel:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     backbone = VideoTextModel(cfg.model)
     if cfg.model.init_from:
-        checkpoint.load_weights(backbone, resolve_path(cfg.model.init_from))
+        new = ("fusion.",) if cfg.model.fusion_layers and not pretrained_fusion(cfg) else ()
+        load_weights(backbone, resolve_path(cfg.model.init_from), new, partial=cfg.model.init_partial)
     else:
         log.warning("no --init / model.init_from: the backbone starts from its initialisation, not a pretrained model")
     backbone.freeze(cfg.model.freeze)
@@ -105,167 +100,32 @@ def build_model(cfg: FinetuneConfig, task: Task) -> TaskModel:
 def build_optimizer(model: TaskModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW with three learning rates: the pretrained text encoder (train.text_lr), the rest of the
     pretrained backbone (train.lr), the new head and a new fusion stack (task.head_lr); no decay on 1-D params."""
-    new_prefixes = ("head.",) + (() if pretrained_fusion(cfg) else ("backbone.fusion.",))
-    lrs = {"text": cfg.train.text_lr, "backbone": cfg.train.lr, "new": cfg.task.head_lr}
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            kind = "new" if name.startswith(new_prefixes) else "text" if name.startswith("backbone.text.") else "backbone"
-            groups.setdefault((kind, p.ndim > 1), []).append(p)
+    new = ("head.",) + (() if pretrained_fusion(cfg) else ("backbone.fusion.",))
     t = cfg.train
-    params = [{"params": ps, "lr": lrs[kind], "weight_decay": t.weight_decay if decay else 0.0}
-              for (kind, decay), ps in sorted(groups.items())]
-    return torch.optim.AdamW(params, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
+
+    def lr_of(name: str) -> float:
+        return cfg.task.head_lr if name.startswith(new) else t.text_lr if name.startswith("backbone.text.") else t.lr
+
+    return torch.optim.AdamW(param_groups(model, lr_of, t.weight_decay), betas=(t.beta1, t.beta2), eps=1e-8,
+                             foreach=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig):
-    """Linear warm-up, then cosine decay (pretraining's) or LF-VILA's step decay."""
-    t = cfg.train
-    if t.schedule == "cosine":
-        return cosine_scheduler(optimizer, cfg)
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        return t.decay_factor ** (step // t.decay_every) if t.decay_every else 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, loader, keep_last: int) -> str:
-    """Collective. `latest` moves to the new folder only after every rank has written its part."""
-    tag = f"step{state.step}"
-    accelerator.save_state(str(ckpt_dir / tag), safe_serialization=False)
-    ranks = dist_utils.all_gather_objects({"data": loader.state_dict()})
-    if dist_utils.rank() == 0:
-        info = {"tag": tag, "step": state.step, "world_size": dist_utils.world_size(), "time": time.time(),
-                "run": vars(state), "ranks": ranks}
-        (ckpt_dir / tag / "trainstate.json").write_text(json.dumps(info, indent=1))
-        tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / LATEST)
-        steps = sorted(int(p.name[4:]) for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in steps[:-keep_last]:
-            shutil.rmtree(ckpt_dir / f"step{old}", ignore_errors=True)
-    dist_utils.barrier()
-    return tag
-
-
-def load_checkpoint(accelerator, ckpt_dir: Path) -> tuple[RunState, dict] | None:
-    """-> (run state, this rank's data position), or None when there is no checkpoint yet."""
-    tag = checkpoint.latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    info = json.loads((ckpt_dir / tag / "trainstate.json").read_text())
-    if info["world_size"] != dist_utils.world_size():
-        raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by {info['world_size']} ranks and this run has "
-                           f"{dist_utils.world_size()}: finetuning resumes at the same world size")
-    accelerator.load_state(str(ckpt_dir / tag))  # model, optimizer, LR schedule, RNG states
-    log.info("resumed from %s (step %d)", ckpt_dir / tag, info["step"])
-    return RunState(**info["run"]), info["ranks"][dist_utils.rank()]["data"]
-
-
-# ---- the loop -----------------------------------------------------------------------------------------
-
-
-def step_rng(cfg: FinetuneConfig, step: int) -> np.random.Generator:
-    """Label choices (which question, which caption) of one step on this rank, the same after a resume."""
-    return np.random.default_rng([cfg.train.seed, step, dist_utils.rank()])
-
-
-def train_step(accelerator, model, optimizer, scheduler, task: Task, loader_iter, cfg: FinetuneConfig,
-               step: int, uses_ds: bool) -> tuple[dict, float, list[bool]]:
-    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait, which
-    micro-batches had a finite loss on every rank). A non-finite micro-batch is dropped as in pretraining
-    (pretrain.train.train_step): with grad_accum = 1 the step is skipped; with more, it adds a zero gradient."""
-    wait, rng, finite = 0.0, step_rng(cfg, step), []
-    for _ in range(cfg.train.grad_accum):
-        t0 = time.perf_counter()
-        inputs = task.train_batch(next(loader_iter), rng)
-        wait += time.perf_counter() - t0
-        with accelerator.accumulate(model):
-            out = model(inputs)
-            finite.append(not dist_utils.any_rank(not bool(torch.isfinite(out["loss"]))))
-            if cfg.train.grad_accum == 1 and not finite[-1]:
-                optimizer.zero_grad()
-                return {k: float(v.detach()) for k, v in out.items()}, wait, finite
-            accelerator.backward(out["loss"] if finite[-1] else zero_loss(model))
-            if accelerator.sync_gradients and not uses_ds and cfg.train.grad_clip > 0:
-                out["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad()
-    scheduler.step()  # once per optimizer step (DeepSpeed steps its own copy inside engine.step)
-    if uses_ds:
-        out["grad_norm"] = model.get_global_grad_norm() or float("nan")
-    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, wait, finite
+# ---- training ----------------------------------------------------------------------------------------
 
 
 def train(accelerator, model, optimizer, scheduler, task: Task, cfg: FinetuneConfig, run_dir: Path, resume: bool,
           uses_ds: bool) -> bool:
     """Train to cfg.train.steps or until a stop signal / train.exit_interval; returns whether it finished."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        return _train(accelerator, model, optimizer, scheduler, task, cfg, run_dir, resume, uses_ds)
-    finally:  # the caller's handlers again (the run may be a function call inside a longer process)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    backend = AccelerateBackend(accelerator, model, optimizer, scheduler, cfg.train.grad_clip, uses_ds)
+    seed, rank = cfg.train.seed, dist_utils.rank()
 
+    def forward(batch, step, micro):
+        # label choices (which question, which caption) of one micro-batch, the same after a resume
+        return model(task.train_batch(batch, np.random.default_rng([seed, step, micro, rank])))
 
-def _train(accelerator, model, optimizer, scheduler, task: Task, cfg: FinetuneConfig, run_dir: Path, resume: bool,
-           uses_ds: bool) -> bool:
-    rank, ws = dist_utils.rank(), dist_utils.world_size()
-    ckpt_dir = run_dir / "checkpoints"
-    stop = StopSignal()
-    state, data_state = RunState(), None
-    loaded = load_checkpoint(accelerator, ckpt_dir) if resume else None
-    if loaded is not None:
-        state, data_state = loaded
-    elif resume:
-        log.warning("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
-    loader = build_train_loader(cfg.data, cfg.model.text.resolved_path(), rank, ws, state=data_state, root=str(REPO_ROOT))
-    metrics = MetricsLog(run_dir, state.step) if rank == 0 else None
-    global_batch = cfg.data.batch_size * cfg.train.grad_accum * ws
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"finetune {cfg.task.name}", disable=rank != 0,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-    model.train()
-    it = iter(loader)
-    guard = NonfiniteGuard(cfg.train.max_nonfinite_steps, state.nonfinite_steps,
-                           lambda: "Lower train.lr / task.head_lr or check the data.")
-    while state.step < cfg.train.steps:
-        t0 = time.perf_counter()
-        losses, wait, finite = train_step(accelerator, model, optimizer, scheduler, task, it, cfg, state.step, uses_ds)
-        guard.update(finite, state.step + 1, losses)
-        state.nonfinite_steps = guard.total
-        if not step_taken(finite):
-            continue
-        state.step += 1
-        state.samples_seen += global_batch
-        step_time = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss']:.3f}")
-        if metrics is not None and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps):
-            record = {"step": state.step, **losses, "lr": scheduler.get_last_lr()[0],
-                      "samples_per_s": global_batch / step_time, "data_wait_s": wait, "mem_gib": memory_gib(),
-                      "samples_seen": state.samples_seen, "nonfinite_steps": state.nonfinite_steps}
-            metrics.write(record)
-        signalled = stop.any_rank()
-        exiting = signalled or (cfg.train.exit_interval and state.step % cfg.train.exit_interval == 0)
-        if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps or exiting:
-            tag = save_checkpoint(accelerator, ckpt_dir, state, loader, cfg.train.keep_last)
-            if rank == 0:
-                bar.write(f"saved checkpoint {ckpt_dir / tag}")
-        if exiting and state.step < cfg.train.steps:
-            why = f"signal {stop.received or 'on another rank'}" if signalled else "train.exit_interval"
-            bar.write(f"{why}: stopping at step {state.step}; continue with --resume")
-            break
-    loader.close()
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    return state.step >= cfg.train.steps
+    _, finished = fit(backend, forward, cfg, run_dir, resume, f"finetune {cfg.task.name}",
+                      advice="Lower train.lr / task.head_lr or check the data.")
+    return finished
 
 
 def evaluate(task: Task, model: TaskModel, name: str) -> dict:
@@ -283,7 +143,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None,
     accelerator, uses_ds = build_accelerator(cfg, ds_config)
     if dist_utils.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_finetune_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")
     dist_utils.barrier()
     release_shm_names()  # every rank has mapped its peers' all-reduce buffers by now
     task = TASKS[cfg.task.name](cfg, run_dir)
@@ -299,10 +159,10 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None,
         results["before"] = evaluate(task, model, "before finetuning")
         write_report(run_dir, cfg, task, results, config_name)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    scheduler = build_scheduler(optimizer, cfg.train)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     finished = train(accelerator, model, optimizer, scheduler, task, cfg, run_dir, resume, uses_ds)
-    if finished:
+    if finished and cfg.train.eval_at_end:
         results["after"] = evaluate(task, accelerator.unwrap_model(model), "after finetuning")
         write_report(run_dir, cfg, task, results, config_name)
     dist_utils.barrier()

@@ -1,13 +1,22 @@
-"""Run configuration: one dataclass per concern, composed into `Config`.
+"""Run configuration: one dataclass per concern, composed into `Config`; one loader and one saver for
+every command (pretraining builds `Config`, finetuning `finetune.config.FinetuneConfig`, a subclass).
 
-Precedence: dataclass defaults < YAML file < dotted command-line overrides (`model.video.dims=[32,64]`).
-Unknown keys and badly typed values are rejected with a message naming the key, before any process
-group starts. The resolved config is written into the run folder (`config.yaml`).
+Precedence: dataclass defaults < the `base:` chain < the YAML file < (finetuning, with `--init` /
+`model.init_from`) the pretrained checkpoint's architecture < dotted command-line overrides
+(`model.video.dims=[32,64]`); `model.video.preset` puts a preset's values under the keys given.
+
+- `base: other.yaml` (relative to the file that names it; chains allowed): mappings merge key by key,
+  the file's own keys win.
+- Unknown keys, badly typed values and fields the command does not use (`Config.unused_keys`) are
+  rejected with one line naming the dotted key and what is allowed, before any process group starts.
+- The resolved config is written into the run folder (`save_config`); a saved config loads again.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +25,24 @@ from typing import Literal
 import yaml
 
 from pretrain.model import ModelConfig
-from pretrain.video_encoder import preset_values
+from pretrain.video_encoder import PRESETS, preset_values
 from shards.loader import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURE_KEYS = ("video", "text", "embed_dim")  # model.* a pretrained checkpoint fixes (and fusion_layers)
 
 
 class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and what is allowed."""
+    """A config file, key or value is wrong; str() is one line naming the file or the dotted key and what is allowed."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def check_value(ok: bool, key: str, allowed: str) -> None:
+    """Raise ConfigError("bad value for KEY: expected ALLOWED") unless ok."""
+    if not ok:
+        raise ConfigError(f"bad value for {key}: expected {allowed}")
 
 
 @dataclass
@@ -45,92 +64,160 @@ class TrainConfig:
     keep_every: int = 0  # ... except every step that is a multiple of this (0: none)
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run with an error
     exit_interval: int = 0  # save and exit when the step is a multiple of this (0: never), for time-limited jobs
-    eval_at_end: bool = True  # zero-shot paragraph-to-video retrieval on data.val_shards after training
+    eval_at_end: bool = True  # evaluate on data.val_shards after training (pretraining: zero-shot retrieval)
     ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine JSON; batch sizes are filled in from here
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32
 
     def __post_init__(self):
-        _check(self.steps >= 1, "train.steps", "an integer >= 1")
-        _check(self.lr > 0 and self.text_lr >= 0, "train.lr / train.text_lr", "positive numbers")
-        _check(0 <= self.warmup_steps, "train.warmup_steps", "an integer >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a number in [0, 1]")
-        _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1")
-        _check(self.log_every >= 1 and self.save_every >= 1, "train.log_every / train.save_every", "integers >= 1")
-        _check(self.keep_last >= 1, "train.keep_last", "an integer >= 1")
-        _check(self.keep_every >= 0, "train.keep_every", "an integer >= 0")
-        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
-        _check(self.exit_interval >= 0, "train.exit_interval", "an integer >= 0")
+        check_value(self.steps >= 1, "train.steps", "an integer >= 1")
+        check_value(self.lr > 0, "train.lr", "a number > 0")
+        check_value(self.text_lr >= 0, "train.text_lr", "a number >= 0")
+        check_value(self.weight_decay >= 0, "train.weight_decay", "a number >= 0")
+        check_value(0 <= self.beta1 < 1, "train.beta1", "a number in [0, 1)")
+        check_value(0 <= self.beta2 < 1, "train.beta2", "a number in [0, 1)")
+        check_value(0 <= self.warmup_steps, "train.warmup_steps", "an integer >= 0")
+        check_value(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a number in [0, 1]")
+        check_value(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1")
+        check_value(self.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)")
+        check_value(self.log_every >= 1, "train.log_every", "an integer >= 1")
+        check_value(self.save_every >= 1, "train.save_every", "an integer >= 1")
+        check_value(self.keep_last >= 1, "train.keep_last", "an integer >= 1")
+        check_value(self.keep_every >= 0, "train.keep_every", "an integer >= 0")
+        check_value(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
+        check_value(self.exit_interval >= 0, "train.exit_interval", "an integer >= 0")
+        check_value(bool(self.ds_config), "train.ds_config", "a DeepSpeed JSON path")
+
+
+@dataclass
+class RunModelConfig(ModelConfig):
+    """`model`: the architecture and objectives (pretrain.model.ModelConfig) and how the weights start."""
+    # With model.init_from: load only the tensors whose names and shapes match, and list every missing,
+    # unexpected or mismatched one in a warning. Default false: any of them stops the run (the parameters
+    # of modules the config creates new, such as a stage-2 fusion stack or a task head, are expected).
+    init_partial: bool = False
 
 
 @dataclass
 class Config:
+    """Pretraining's config, and the base of every command's."""
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: RunModelConfig = field(default_factory=RunModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    COMMAND: typing.ClassVar[str] = "pretraining"
+    # Whether `model.init_from` also gives the architecture (the model.* of the config saved beside it).
+    INHERITS_ARCHITECTURE: typing.ClassVar[bool] = False
+
     def __post_init__(self):
-        v, d, loss = self.model.video, self.data, self.model.loss
+        self.check_data_and_video()
+        self.check_losses()
+
+    @classmethod
+    def unused_keys(cls, data: dict) -> dict[str, str]:
+        """Dotted keys this command does not read (given the nested config `data`, raw or resolved),
+        each with the reason; setting one is an error, and save_config leaves them out."""
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        if not model.get("init_from"):
+            return {"model.init_partial": "without model.init_from there are no weights to load"}
+        return {}
+
+    def check_data_and_video(self) -> None:
+        """Cross-field checks of what every command builds: the data and the encoders that read it."""
+        v, d, text = self.model.video, self.data, self.model.text
         frames = d.num_clips * d.frames_per_clip
-        _check(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
+        check_value(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
                f"at most model.video.max_frames = {v.max_frames} (got {frames})")
-        _check(d.size % v.patch_size == 0, "data.size", f"a multiple of model.video.patch_size = {v.patch_size}")
-        if loss.mtc_weight > 0:
-            _check(v.clip_stage() is not None, "model.loss.mtc_weight",
-                   "0 with this video encoder: TESTA merges frames before the clip-feature stage, so there "
-                   "are no clip features (or set model.video.clip_features / local_stage to an earlier stage)")
-        if loss.mtc_weight > 0:
-            for key in ("num_key", "num_value"):
-                _check(1 <= getattr(loss, key) <= d.num_clips, f"model.loss.{key}",
-                       f"an integer in [1, data.num_clips = {d.num_clips}] (got {getattr(loss, key)})")
-        _check(loss.num_neg >= 0, "model.loss.num_neg", f"an integer >= 0 (got {loss.num_neg})")
-        _check(0 < loss.mlm_probability < 1, "model.loss.mlm_probability", "a number in (0, 1)")
-        _check(-1 <= v.graph_threshold <= 1, "model.video.graph_threshold", "a cosine similarity in [-1, 1]")
-        _check(v.depth_window >= 0, "model.video.depth_window", "an integer >= 0 (frames either side)")
-        _check(v.depth_grid >= 1, "model.video.depth_grid", "an integer >= 1")
+        check_value(d.size % v.patch_size == 0, "data.size",
+               f"a multiple of model.video.patch_size = {v.patch_size} (got {d.size})")
+        check_value(d.num_clips <= text.max_sentences, "data.num_clips",
+               f"at most model.text.max_sentences = {text.max_sentences} (got {d.num_clips})")
+        check_value(d.num_clips * d.max_words <= text.max_tokens, "data.num_clips * data.max_words",
+               f"at most model.text.max_tokens = {text.max_tokens} (got {d.num_clips * d.max_words})")
+        check_value(-1 <= v.graph_threshold <= 1, "model.video.graph_threshold", "a cosine similarity in [-1, 1]")
+        check_value(v.depth_window >= 0, "model.video.depth_window", "an integer >= 0 (frames either side)")
+        check_value(v.depth_grid >= 1, "model.video.depth_grid", "an integer >= 1")
         grid = d.size // v.patch_size
         for i, kind in enumerate(v.attention):  # HTWA windows must tile the (frames, grid) each stage sees
             tw, (sh, sw) = min(v.temporal_windows[i], frames), (min(n, grid) for n in v.spatial_window)
             if kind == "htwa":
-                _check(min(tw, sh, sw) >= 1 and frames % tw == 0 and grid % sh == 0 and grid % sw == 0,
+                check_value(min(tw, sh, sw) >= 1 and frames % tw == 0 and grid % sh == 0 and grid % sw == 0,
                        f"model.video.temporal_windows[{i}] / spatial_window",
                        f"windows that tile stage {i}'s input: {frames} frames and a {grid}x{grid} patch grid "
                        f"(got {v.temporal_windows[i]} frames, {v.spatial_window} patches)")
             if v.downsample[i]:
-                _check(grid % 2 == 0, f"model.video.downsample[{i}]",
+                check_value(grid % 2 == 0, f"model.video.downsample[{i}]",
                        f"false: stage {i}'s {grid}x{grid} patch grid is odd (data.size / patch_size, halved "
                        f"per downsampling)")
                 grid //= 2
         if v.clip_features == "local":
             for i in range(v.local_stage + 1):
                 w = v.temporal_windows[i]
-                _check(v.attention[i] == "htwa" and d.frames_per_clip % w == 0, "model.video.local_stage",
+                check_value(v.attention[i] == "htwa" and d.frames_per_clip % w == 0, "model.video.local_stage",
                        f"a stage up to which every stage is 'htwa' with a temporal window dividing "
                        f"data.frames_per_clip ({d.frames_per_clip}), so clip features never mix clips "
                        f"(stage {i} is '{v.attention[i]}' with window {w}); or model.video.clip_features=final")
 
-
-def _check(ok: bool, key: str, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"bad value for {key}: expected {allowed}")
+    def check_losses(self) -> None:
+        """Cross-field checks of pretraining's objectives."""
+        v, d, loss = self.model.video, self.data, self.model.loss
+        if loss.mtc_weight > 0:
+            check_value(v.clip_stage() is not None, "model.loss.mtc_weight",
+                   "0 with this video encoder: TESTA merges frames before the clip-feature stage, so there "
+                   "are no clip features (or set model.video.clip_features / local_stage to an earlier stage)")
+            for key in ("num_key", "num_value"):
+                check_value(1 <= getattr(loss, key) <= d.num_clips, f"model.loss.{key}",
+                       f"an integer in [1, data.num_clips = {d.num_clips}] (got {getattr(loss, key)})")
+        check_value(loss.num_neg >= 0, "model.loss.num_neg", f"an integer >= 0 (got {loss.num_neg})")
+        check_value(0 < loss.mlm_probability < 1, "model.loss.mlm_probability", "a number in (0, 1)")
+        if loss.uses_fusion():
+            check_value(d.batch_size >= 4, "data.batch_size",
+                   "at least 4 with model.loss.mlm_weight or vtm_weight > 0 (video-text matching pairs 2 "
+                   "negatives and 2 positives per rank)")
 
 
 # ---- building dataclasses from plain dicts ---------------------------------------------------
 
+
 def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types; a check in a
+    section's __post_init__ that fails is reported as a ConfigError naming the dotted key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"bad value for {prefix.rstrip('.') or 'the config'}: expected a mapping of keys, "
+                          f"got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {path}{hint}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _coerce(hints[key], value, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(_restyle(str(e), prefix)) from None
+
+
+_SECTION_CLASS = re.compile(r"^[A-Z]\w*Config\.")  # "DataConfig.size must be ..." -> "size must be ..."
+_SENTENCE = re.compile(r"^(?P<key>[\w.\[\]/*]+?)(?:=(?P<got>\S+))? (?P<verb>must be|must|cannot) (?P<rest>.*?)"
+                       r"(?:, got (?P<got2>.*))?$")
+
+
+def _restyle(message: str, prefix: str) -> str:
+    """A section's own check ("model.text.sentence_layers must be >= 1", "DataConfig.size must be an
+    int >= 1, got 0") in the loader's style: "bad value for KEY: expected ... (got ...)"."""
+    message = " ".join(message.split()).replace("model.loss temperatures", "model.loss.*temperature")
+    m = _SENTENCE.match(_SECTION_CLASS.sub("", message))
+    if m is None:
+        return f"bad value in {prefix.rstrip('.') or 'the config'}: {message}"
+    key = m["key"] if m["key"].startswith(prefix) or not prefix else prefix + m["key"]
+    verb = {"must be": "", "must": "to ", "cannot": "it not to "}[m["verb"]]
+    got = m["got"] or m["got2"]
+    return f"bad value for {key}: expected {verb}{m['rest']}" + (f" (got {got})" if got else "")
 
 
 def _coerce(tp, value, path: str):
@@ -138,8 +225,9 @@ def _coerce(tp, value, path: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=path + ".")
     if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"bad value for {path}: {value!r}; allowed values: {list(typing.get_args(tp))}")
+        allowed = list(typing.get_args(tp))
+        if value not in allowed:
+            raise ConfigError(f"bad value for {path}: expected one of {allowed}, got {value!r}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -166,50 +254,160 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# ---- reading: base chains, overrides, presets, the pretrained architecture --------------------------
+
+
+def merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, mappings merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, seen: tuple = ()) -> dict:
+    """A config file with its `base:` chain merged in (the file's own keys win)."""
+    path = Path(path)
+    what = f"base file {path} (named by {seen[-1]})" if seen else f"config file {path}"
+    if not path.exists():
+        raise ConfigError(f"{what} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder, not a YAML file")
+    if path.resolve() in [p.resolve() for p in seen]:
+        raise ConfigError(f"{what}: `base:` loops back to {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{what} is not readable ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: the top level must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"bad value for base in {path}: expected a YAML path relative to the file, got {base!r}")
+        data = merge(read_yaml(path.parent / base, seen + (path,)), data)
+    return data
+
+
 def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"bad value for {key.strip()}: {raw!r} is not a YAML value") from None
+    return key.strip().split("."), value
 
 
 def set_dotted(data: dict, keys: list[str], value) -> None:
     """data[k0][k1]...[kn] = value, making sections as needed."""
     node = data
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+            raise ConfigError(f"bad key {'.'.join(keys)}: {'.'.join(keys[:i + 1])} is a value, not a section")
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults < YAML file < dotted overrides, validated."""
-    data: dict = {}
-    if path is not None:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    for item in overrides:
-        set_dotted(data, *parse_override(item))
-    _apply_preset(data)
-    return from_dict(Config, data)
+def dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    """The leaf keys of a nested dict, dotted (a list is one leaf)."""
+    out = []
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out += dotted_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def pretrained_config_path(init: str | Path) -> Path | None:
+    """The config saved beside a pretrained checkpoint: OUT.yaml for OUT.pt, RUN/config.yaml for a RUN
+    folder or RUN/checkpoints."""
+    p = Path(init)
+    candidates = [p.with_suffix(".yaml")] if p.suffix == ".pt" else [p / "config.yaml", p.parent / "config.yaml"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def inherit_architecture(data: dict, init: str | Path) -> Path | None:
+    """Put the pretrained model's architecture (model.video, model.text, model.embed_dim, and
+    model.fusion_layers when it has a fusion stack) into `data`, in place; returns the config file used."""
+    path = pretrained_config_path(init)
+    if path is None:
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"the config saved beside model.init_from, {path}, is not readable: {e}") from None
+    saved = saved.get("model", {}) if isinstance(saved, dict) else {}
+    model = data.setdefault("model", {})
+    for key in ARCHITECTURE_KEYS:
+        if key in saved:
+            model[key] = saved[key]
+    if saved.get("fusion_layers"):
+        model["fusion_layers"] = saved["fusion_layers"]
+    return path
 
 
 def _apply_preset(data: dict) -> None:
     """model.video.preset: the preset's values sit under the keys the YAML and overrides give."""
-    video = data.get("model", {}).get("video", {})
+    model = data.get("model")
+    video = model.get("video") if isinstance(model, dict) else None
     if isinstance(video, dict) and video.get("preset"):
-        try:
-            data["model"]["video"] = {**preset_values(video["preset"]), **video}
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        name = video["preset"]
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"bad value for model.video.preset: expected one of the known presets "
+                              f"({', '.join(PRESETS)}), got {name!r}")
+        model["video"] = {**preset_values(name), **video}
+
+
+Override = typing.Union[str, tuple]
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[Override] = (), cls: type = Config):
+    """Defaults < `base:` chain < YAML file < (cls.INHERITS_ARCHITECTURE) the architecture saved beside
+    model.init_from < overrides, validated into `cls` (Config or a subclass). An override is
+    "dotted.key=value" (value read as YAML) or a ("dotted.key", value) pair."""
+    data = read_yaml(path) if path is not None else {}
+    parsed = [parse_override(o) if isinstance(o, str) else (str(o[0]).split("."), o[1]) for o in overrides]
+    given = copy.deepcopy(data)  # what the files and overrides set, for the unused-key check
+    for keys, value in parsed:
+        set_dotted(given, keys, value)
+    unused = cls.unused_keys(given)
+    for key in dotted_keys(given):
+        if key in unused:
+            raise ConfigError(f"unused config key {key}: {cls.COMMAND} does not use it ({unused[key]}); remove it")
+        section = next((k for k in unused if k.startswith(key + ".")), None)
+        if section is not None:  # a whole section set at once, e.g. model.loss={...}
+            raise ConfigError(f"unused config key {section}: {cls.COMMAND} does not use it ({unused[section]}); "
+                              "remove it")
+    if cls.INHERITS_ARCHITECTURE:
+        init = given.get("model", {}).get("init_from") if isinstance(given.get("model"), dict) else None
+        if init and isinstance(init, str):
+            inherit_architecture(data, resolve_path(init))
+    for keys, value in parsed:
+        set_dotted(data, keys, value)
+    _apply_preset(data)
+    return from_dict(cls, data)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config as YAML, without the keys its command does not use (so it loads again)."""
+    data = to_dict(cfg)
+    for key in type(cfg).unused_keys(data):
+        *parents, leaf = key.split(".")
+        node = data
+        for k in parents:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)
 
 
 def resolve_path(p: str) -> str:

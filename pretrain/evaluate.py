@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.metrics import chance_metrics, format_table, retrieval_metrics
+from pretrain.metrics import chance_metrics, format_table, retrieval_metrics
 from pretrain import distributed as dist_utils
 from pretrain.config import Config, REPO_ROOT
 from pretrain.model import VideoTextModel

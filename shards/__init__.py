@@ -9,6 +9,9 @@ Reading:
 - `shards.loader`: the exactly resumable train stream and the eval pass; `shards.sampling` picks the
   clips, `shards.video` seeks and decodes only their frames, `shards.transforms` crops and flips.
 Shared: `shards.format` (keys, members, index.json), `shards.storage` (local folders and s3:// with retries).
+Checks: `shards.preflight` (every input a command needs exists and is readable, before it starts; used by
+`python -m shards`, `pretrain/run.py` and `finetune/run.py`).
 
-Command line: `python -m shards --help` (synth, manifest, build, verify, stats).
+Command line: `python -m shards --help` (synth, manifest, build, verify, stats); exit 2 = a missing or
+malformed input.
 """

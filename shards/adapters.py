@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterator
 
+from shards.preflight import MissingInput, require_file, require_folder
 from shards.storage import Storage, is_url
 
 log = logging.getLogger("shards")
@@ -70,7 +71,7 @@ def didemo(path: str) -> Iterator[Entry]:
         (first, last), _ = sorted(Counter(tuple(t) for t in item["times"]).items(), key=lambda kv: (-kv[1], kv[0]))[0]
         by_video[item["video"]].append({"text": item["description"], "start": 5.0 * first, "end": 5.0 * (last + 1)})
     for video, spans in by_video.items():
-        yield Entry(video, [video, _strip_ext(video)], spans)
+        yield Entry(video, [video, strip_video_ext(video)], spans)
 
 
 def queryd(captions_path: str, times_path: str, split_list: str | None = None) -> Iterator[Entry]:
@@ -117,7 +118,7 @@ def table(path: str) -> Iterator[Entry]:
         spans = [{"text": r["text"], "start": float(r["start"]), "end": float(r["end"])} for r in group]
         video = group[0].get("video") or vid
         duration = group[0].get("duration")
-        yield Entry(vid, [video, _strip_ext(video)], spans, float(duration) if duration else None)
+        yield Entry(vid, [video, strip_video_ext(video)], spans, float(duration) if duration else None)
 
 
 READERS = {"activitynet": activitynet, "didemo": didemo, "queryd": queryd, "csv": table}
@@ -131,7 +132,8 @@ def _load_dict(path: str) -> dict:
         return pickle.load(f)  # the published QuerYD files are pickles; only open files you trust
 
 
-def _strip_ext(name: str) -> str:
+def strip_video_ext(name: str) -> str:
+    """"clip.mp4" -> "clip", "clip.avi.mp4" -> "clip": every trailing video extension removed."""
     while os.path.splitext(name)[1].lower() in VIDEO_EXTS:
         name = os.path.splitext(name)[0]
     return name
@@ -146,7 +148,7 @@ class VideoIndex:
         rank = {ext: i for i, ext in enumerate(VIDEO_EXTS)}  # prefer .mp4 when a name has several files
         for path in sorted(paths, key=lambda p: rank.get(os.path.splitext(p)[1].lower(), len(rank))):
             base = path.rsplit("/", 1)[-1]
-            for name in (base, os.path.splitext(base)[0], _strip_ext(base)):
+            for name in (base, os.path.splitext(base)[0], strip_video_ext(base)):
                 self.by_name.setdefault(name, path)
 
     @staticmethod
@@ -199,13 +201,25 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    storage = Storage(args.s3_endpoint)
+    require_file(args.annotations, "annotation file")
     if args.format == "queryd":
         if not args.times:
-            raise SystemExit("--format queryd needs --times (times_captions_combined_filtered .pkl)")
-        entries = queryd(args.annotations, args.times, args.split_list)
-    else:
-        entries = READERS[args.format](args.annotations)
+            raise MissingInput("--format queryd needs --times (times_captions_combined_filtered .pkl)")
+        require_file(args.times, "times file")
+        if args.split_list:
+            require_file(args.split_list, "split list")
+    require_folder(args.videos, "video folder", storage)
+    try:  # the annotations are read whole before any output: a malformed file is one line, not a traceback
+        if args.format == "queryd":
+            entries = list(queryd(args.annotations, args.times, args.split_list))
+        else:
+            entries = list(READERS[args.format](args.annotations))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, EOFError, pickle.UnpicklingError,
+            UnicodeDecodeError, csv.Error) as e:
+        raise MissingInput(f"annotation file {args.annotations} is malformed for --format {args.format} "
+                           f"({type(e).__name__}: {e})") from None
     source = f"{args.format}/{os.path.basename(args.annotations)}"
-    counts = write_manifest(entries, args.videos, args.out, source, Storage(args.s3_endpoint))
+    counts = write_manifest(iter(entries), args.videos, args.out, source, storage)
     print(f"{args.out}: {counts['written']} videos ({counts['missing']} not found under {args.videos})")
     return 0 if counts["written"] else 1

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from shards import format as fmt
 from shards.manifest import NOT_COPIED, clip_sentences, read_manifest
+from shards.preflight import require_file, require_folder
 from shards.storage import Storage, is_url, join
 from shards.transcode import store
 from shards.video import EmptyVideoError
@@ -344,12 +345,19 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    storage = Storage(args.s3_endpoint)
+    require_file(args.manifest, "manifest", storage)  # its lines are checked by build() before any work
+    if args.depth_model:
+        require_folder(args.depth_model, "depth model")
+        require_file(os.path.join(args.depth_model, "config.json"), "depth model config")
+    if args.tmp_dir:
+        require_folder(args.tmp_dir, "--tmp-dir")
     name = args.name or os.path.splitext(os.path.basename(args.manifest.rstrip("/")))[0].replace(".", "_")
     settings = BuildSettings(name=name, per_shard=args.per_shard, max_shard_bytes=args.max_shard_bytes, fps=args.fps,
                              short_side=args.short_side, gop_seconds=args.gop_seconds, crf=args.crf,
                              depth_model=os.path.abspath(args.depth_model) if args.depth_model else None,
                              depth_size=args.depth_size)
-    index = build(args.manifest, args.out, settings, args.workers, Storage(args.s3_endpoint), args.tmp_dir)
+    index = build(args.manifest, args.out, settings, args.workers, storage, args.tmp_dir)
     print(f"{args.out}: {index['num_samples']} samples in {len(index['shards'])} shards, "
           f"{index['total_duration'] / 3600:.2f} h; skipped: {index['skipped'] or 'none'}")
     return 0 if index["num_samples"] else 1

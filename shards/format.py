@@ -167,23 +167,38 @@ def write_index(folder: str, index: dict, storage: Storage = Storage()) -> None:
     storage.write_bytes(join(folder, INDEX), json.dumps(index, indent=1).encode())
 
 
+def shard_path(spec: str, root: str | None = None) -> str:
+    """A spec relative to `root` (URLs and absolute paths stay as they are)."""
+    return spec if root is None or is_url(spec) or os.path.isabs(spec) else os.path.join(root, spec)
+
+
+def is_split_folder(path: str) -> bool:
+    """A split folder or prefix (its index.json lists the shards), not a brace pattern or a .tar."""
+    return "{" not in path and not path.endswith(".tar")
+
+
+def expand_shards(spec: str, root: str | None = None, storage: Storage = Storage()) -> list[str]:
+    """A split folder or prefix (read its index.json) or a brace pattern -> tar URLs, not checked to exist."""
+    path = shard_path(spec, root)
+    if is_split_folder(path):
+        return [join(path, name) for name in read_index(path, storage)["shards"]]
+    return list(braceexpand(path))
+
+
 def resolve_shards(spec: str, root: str | None = None, storage: Storage = Storage()) -> list[str]:
     """A split folder or prefix (its index.json lists the shards) or a brace pattern -> existing tar URLs."""
-    path = spec if root is None or is_url(spec) or os.path.isabs(spec) else os.path.join(root, spec)
-    if "{" not in path and not path.endswith(".tar"):
-        urls = [join(path, name) for name in read_index(path, storage)["shards"]]
-    else:
-        urls = list(braceexpand(path))
+    urls = expand_shards(spec, root, storage)
     if not urls:
-        raise ValueError(f"no shards in {spec!r} (resolved to {path})")
-    missing = _missing(urls, storage)
+        raise ValueError(f"no shards in {spec!r} (resolved to {shard_path(spec, root)})")
+    missing = missing_shards(urls, storage)
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, e.g. {missing[0]}")
     return urls
 
 
-def _missing(urls: list[str], storage: Storage) -> list[str]:
-    """One listing per folder instead of one request per shard (matters on object stores)."""
+def missing_shards(urls: list[str], storage: Storage) -> list[str]:
+    """The URLs that do not exist, in order. One listing per folder instead of one request per shard
+    (matters on object stores)."""
     folders: dict[str, set[str]] = {}
     missing = []
     for url in urls:

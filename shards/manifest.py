@@ -14,6 +14,7 @@ import math
 import os
 
 from shards import format as fmt
+from shards.preflight import MissingInput
 from shards.storage import Storage, is_url, join
 
 
@@ -23,18 +24,36 @@ BUILDER_FIELDS = frozenset({"fps", "num_frames", "width", "height", "build", "ke
 NOT_COPIED = frozenset({"id", "video", "sentences", "source", "key", "duration"})  # the builder writes its own
 
 
+class ManifestError(MissingInput, ValueError):
+    """A manifest that cannot be built from: str() is one line naming the file and the first bad lines."""
+
+
 def read_manifest(path: str, storage: Storage = Storage()) -> tuple[list[dict], str]:
-    """-> (records with "key" added and "video" resolved, sha256 of the file). Raises ValueError
-    naming the first bad lines: an id, a video and a list of sentences are required; keys are unique."""
+    """-> (records with "key" added and "video" resolved, sha256 of the file). Raises ManifestError
+    naming the file and its first bad lines: each line is a JSON object with an id (string or int), a
+    video (string) and a list of sentences; keys are unique. Nothing is built before this passes."""
     data = storage.read_bytes(path)
     base = path.rpartition("/")[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
     records, errors, seen = [], [], {}
-    for n, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ManifestError(f"manifest {path} line {line}: not UTF-8 text ({e.reason})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(_check_record(json.loads(line), base, source=os.path.basename(path)))
-        except (ValueError, TypeError, KeyError) as e:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"line {n}: bad JSON ({e.msg} at column {e.colno})")
+            continue
+        try:
+            records.append(_check_record(record, base, source=os.path.basename(path)))
+        except KeyError as e:
+            errors.append(f"line {n}: missing field {e.args[0]!r}")
+            continue
+        except (ValueError, TypeError) as e:
             errors.append(f"line {n}: {e}")
             continue
         key = records[-1]["key"]
@@ -42,28 +61,29 @@ def read_manifest(path: str, storage: Storage = Storage()) -> tuple[list[dict], 
             errors.append(f"line {n}: id {records[-1]['id']!r} gives key {key!r}, as line {seen[key]} does")
         seen[key] = n
     if errors:
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise ValueError(f"{path}: bad manifest records:\n  " + "\n  ".join(errors[:5]) + more)
+        more = f" (and {len(errors) - 5} more bad lines)" if len(errors) > 5 else ""
+        raise ManifestError(f"manifest {path} " + "; ".join(errors[:5]) + more)
     if not records:
-        raise ValueError(f"{path}: the manifest has no records")
+        raise ManifestError(f"manifest {path} has no records")
     return records, hashlib.sha256(data).hexdigest()
 
 
 def _check_record(record, base: str, source: str) -> dict:
     if not isinstance(record, dict):
-        raise TypeError("a record must be a JSON object")
+        raise TypeError(f"a record must be a JSON object, got {type(record).__name__}")
     rid, video, sentences = record["id"], record["video"], record["sentences"]
-    if not isinstance(rid, (str, int)) or str(rid) == "":
-        raise ValueError(f"bad id {rid!r}")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+        raise ValueError(f"bad id {rid!r} (a non-empty string or an int)")
     if not isinstance(video, str) or not video:
-        raise ValueError(f"bad video {video!r}")
+        raise ValueError(f"bad video {video!r} (a path or URL)")
     if not isinstance(sentences, list):
-        raise TypeError("sentences must be a list")
+        raise TypeError(f"sentences must be a list, got {type(sentences).__name__}")
     taken = sorted(BUILDER_FIELDS & record.keys())
     if taken:
         raise ValueError(f"field(s) {taken} are measured and written by the builder; rename them in the manifest")
     for s in sentences:
-        if not isinstance(s.get("text"), str) or not all(isinstance(s.get(k), (int, float)) for k in ("start", "end")):
+        if not (isinstance(s, dict) and isinstance(s.get("text"), str)
+                and all(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) for k in ("start", "end"))):
             raise ValueError(f"a sentence needs text (string), start and end (seconds): {s!r}")
     if not (is_url(video) or os.path.isabs(video)):
         video = join(base, video)

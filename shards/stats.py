@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from shards import format as fmt
+from shards.preflight import require_shards
 from shards.storage import Storage
 
 
@@ -71,6 +72,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = stats(args.shards, Storage(args.s3_endpoint))
+    storage = Storage(args.s3_endpoint)
+    require_shards(args.shards, None, storage)
+    s = stats(args.shards, storage)
     print(json.dumps(s, indent=1) if args.json else format_table(s))
     return 0

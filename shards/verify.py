@@ -16,6 +16,7 @@ import av
 import numpy as np
 
 from shards import format as fmt
+from shards.preflight import require_shards
 from shards.storage import Storage
 
 
@@ -112,7 +113,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = verify(args.shards, Storage(args.s3_endpoint), args.workers)
+    storage = Storage(args.s3_endpoint)
+    require_shards(args.shards, None, storage)  # missing or unreadable: exit 2 before any work (1 = bad samples)
+    report = verify(args.shards, storage, args.workers)
     reasons: dict[str, int] = {}
     for url, key, reason, detail in report["bad"]:
         reasons[reason] = reasons.get(reason, 0) + 1

@@ -1,4 +1,4 @@
-"""The ablation benchmark (benchmarks/ablation.py --quick) and the probes it scores (pretrain/probes.py)."""
+"""The ablation benchmark (benchmarks/ablation.py --quick) and the probes it scores (benchmarks/probes.py)."""
 import json
 import math
 import os
@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.probes import (ProbeTexts, alignment_scores, order_scores, pairwise_wins, relation_kinds,
-                             relation_scores, shuffled_orders)
 from shards.synth import SynthSettings, flip_relation, render_video, video_rng
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))  # benchmarks/*.py import each other by name
+
+from probes import (ProbeTexts, alignment_scores, order_scores, pairwise_wins, relation_kinds,  # noqa: E402
+                    relation_scores, shuffled_orders)
 
 
 def accuracy(true, other) -> float:
@@ -43,9 +45,9 @@ def test_probe_texts_are_deterministic_per_key():
     a, b = ProbeTexts("k", sentences, ["depth", "plane"]), ProbeTexts("k", sentences, ["depth", "plane"])
     assert a.orders == b.orders and a.one_flipped == b.one_flipped
     for kind in ("depth", "plane"):
-        changed = [i for i, (x, y) in enumerate(zip(sentences, a.one_flipped[kind])) if x != y]
+        changed = [i for i, (x, y) in enumerate(zip(sentences, a.one_flipped[kind], strict=True)) if x != y]
         assert len(changed) == 1 and a.one_flipped[kind][changed[0]] == flip_relation(sentences[changed[0]], kind)
-        assert all(x != y for x, y in zip(sentences, a.all_flipped[kind]))
+        assert all(x != y for x, y in zip(sentences, a.all_flipped[kind], strict=True))
 
 
 def test_flipped_relation_sentences():
@@ -112,7 +114,7 @@ def test_table_marks_only_differences_beyond_two_standard_errors_and_merges_file
     keys = [k for k, _ in ab.COLUMNS]
 
     def result(r1s, orders):
-        runs = [{**{k: 1.0 for k in keys}, "R1": a, "order": b} for a, b in zip(r1s, orders)]
+        runs = [{**{k: 1.0 for k in keys}, "R1": a, "order": b} for a, b in zip(r1s, orders, strict=True)]
         return {"runs": runs, "summary": {k: ab.summarise([r[k] for r in runs]) for k in keys}}
 
     # mtc: R@1 the same within noise; order +30 with spreads of 1-2 (standard error ~1.3): marked.

@@ -1,11 +1,17 @@
-"""Config loading: precedence, errors that name the key, every shipped config loads."""
+"""Config loading: one loader and one saver for pretraining and finetuning; precedence, base chains,
+errors that name the key, keys a command does not use, every shipped config loads."""
+
+import dataclasses
 
 import pytest
+import yaml
 
-from pretrain.config import REPO_ROOT, Config, ConfigError, load_config
-from pretrain.train import build_ds_config
+from finetune.config import FinetuneConfig, load_finetune_config
+from pretrain.backends import build_ds_config
+from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, pretrained_config_path, save_config
 
 CONFIGS = sorted((REPO_ROOT / "pretrain" / "configs").glob("*.yaml"))
+FINETUNE_CONFIGS = sorted((REPO_ROOT / "finetune" / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
 
 
@@ -38,7 +44,7 @@ def test_unknown_key_is_named_with_a_suggestion():
 def test_wrong_type_and_literal_values_are_rejected():
     with pytest.raises(ConfigError, match=r"train\.steps: expected int"):
         load_config(None, ["train.steps=many"])
-    with pytest.raises(ConfigError, match=r"model\.video\.clip_features.*allowed values: \['local', 'final'\]"):
+    with pytest.raises(ConfigError, match=r"bad value for model\.video\.clip_features: expected one of \['local', 'final'\]"):
         load_config(None, ["model.video.clip_features=middle"])
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(None, ["train.steps=0"])
@@ -78,3 +84,138 @@ def test_every_cpu_preset_passes_the_checks_at_the_demo_size():
     assert len(small) >= 5
     for name in small:  # the papers' widths tile 192x320 or 224x224 frames, which data.size (square) can't say
         load_config("pretrain/configs/demo.yaml", [f"model.video.preset={name}", "model.loss.mtc_weight=0"])
+
+
+# ---- one config system: finetuning extends pretraining's config ----------------------------------------
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_finetune_config_loads_through_the_one_loader(path):
+    cfg = load_config(path, cls=FinetuneConfig)
+    assert isinstance(cfg, FinetuneConfig) and isinstance(cfg, Config)
+
+
+def test_finetune_config_extends_the_pretraining_config():
+    assert issubclass(FinetuneConfig, Config)
+    own = {f.name for f in dataclasses.fields(Config)}
+    assert own < {f.name for f in dataclasses.fields(FinetuneConfig)} and "task" not in own
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.video.temporal_windows=[3,4,8,16]", r"model.video.temporal_windows\[0\] / spatial_window"),
+    ("model.video.spatial_window=[3,3]", r"model.video.temporal_windows\[0\] / spatial_window"),
+    ("data.size=60", "data.size"),
+    ("data.frames_per_clip=32", r"data.num_clips \* data.frames_per_clip"),
+    ("model.video.downsample=[true,true,true,true]", r"model.video.downsample\[\d\]"),
+    ("model.video.graph_threshold=2.0", "model.video.graph_threshold"),
+    ("model.text.max_sentences=2", "data.num_clips"),
+    ("model.text.sentence_layers=0", "model.text.sentence_layers"),
+    ("data.num_workers=-1", "data.num_workers"),
+])
+def test_finetuning_runs_the_cross_field_checks_of_what_it_builds(override, key):
+    for cls in (Config, FinetuneConfig):
+        path = CONFIGS[0] if cls is Config else REPO_ROOT / "finetune" / "configs" / "anet_retrieval_debug.yaml"
+        with pytest.raises(ConfigError, match=f"bad value for {key}: expected"):
+            load_config(path, [override], cls)
+
+
+def test_finetuning_skips_pretrainings_loss_checks():
+    """TESTA has no clip features, so pretraining rejects its default MTC weight; finetuning runs no MTC."""
+    with pytest.raises(ConfigError, match="model.loss.mtc_weight"):
+        load_config(None, ["model.video.preset=testa_small"])
+    load_config(None, ["model.video.preset=testa_small", "task.query=clips"], FinetuneConfig)
+
+
+@pytest.mark.parametrize("override", ["model.loss.mtc_weight=0.5", "model.loss.num_key=1", "model.loss.vtm_weight=1",
+                                      "model.loss={mlm_weight: 1.0}", "model.loss.ssl_detach_targets=false"])
+def test_finetuning_rejects_the_loss_keys_it_does_not_use(override, tmp_path):
+    key = override.split("=")[0] if "{" not in override else "model.loss.mlm_weight"
+    message = f"unused config key {key}: finetuning does not use it"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override], FinetuneConfig)
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"model": {"loss": {key.rsplit(".", 1)[1]: 1}}}))
+    with pytest.raises(ConfigError, match="finetuning does not use it"):  # in a file too
+        load_config(f, cls=FinetuneConfig)
+    assert load_config(None, ["model.loss.temperature=0.07"], FinetuneConfig).model.loss.temperature == 0.07
+    load_config(None, [override, "model.fusion_layers=1"])  # pretraining reads them
+
+
+def test_schedule_keys_of_the_other_schedule_are_rejected():
+    with pytest.raises(ConfigError, match=r"unused config key train\.decay_every: .*train\.schedule=cosine"):
+        load_config(None, ["train.decay_every=10"], FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"unused config key train\.min_lr_ratio: .*train\.schedule=step"):
+        load_config(None, ["train.schedule=step", "train.min_lr_ratio=0.1"], FinetuneConfig)
+    cfg = load_config(None, ["train.schedule=step", "train.decay_every=10"], FinetuneConfig)
+    assert cfg.train.decay_every == 10
+    with pytest.raises(ConfigError, match=r"unknown config key train\.schedule"):  # pretraining has no such key
+        load_config(None, ["train.schedule=step"])
+
+
+def test_base_chains_merge_key_by_key_relative_to_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("train:\n  steps: 7\n  lr: 0.1\nmodel:\n  video:\n    preset: debug\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\ntrain:\n  lr: 0.2\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\ntrain:\n  warmup_steps: 1\n")
+    for cls in (Config, FinetuneConfig):
+        cfg = load_config(tmp_path / "sub" / "top.yaml", ["train.steps=9"], cls)
+        assert (cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps) == (9, 0.2, 1)
+        assert cfg.model.video.preset == "debug" and cfg.model.video.dims == [16, 32]  # the preset applied
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"base file .*gone\.yaml \(named by .*orphan\.yaml\) does not exist"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_save_config_round_trips_for_both_commands(tmp_path):
+    for cls, path in ((Config, CONFIGS[0]), (FinetuneConfig, FINETUNE_CONFIGS[0])):
+        cfg = load_config(path, ["train.steps=11"], cls)
+        save_config(cfg, tmp_path / "config.yaml")
+        saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        assert ("mtc_weight" in saved["model"]["loss"]) == (cls is Config)  # not written where not used
+        assert load_config(tmp_path / "config.yaml", cls=cls) == cfg
+
+
+def test_finetuning_inherits_the_pretrained_architecture(tmp_path):
+    pre = load_config(CONFIGS[0], ["model.video.preset=debug", "model.video.local_stage=0", "model.embed_dim=32",
+                                   "model.fusion_layers=1", "model.loss.mlm_weight=1", "data.frames_per_clip=2"])
+    save_config(pre, tmp_path / "model.yaml")
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert pretrained_config_path(tmp_path / "model.pt") == tmp_path / "model.yaml"
+    recipe = REPO_ROOT / "finetune" / "configs" / "anet_retrieval_debug.yaml"
+    cfg = load_finetune_config(recipe, ["data.frames_per_clip=2"], init=str(tmp_path / "model.pt"))
+    assert (cfg.model.video, cfg.model.text, cfg.model.embed_dim, cfg.model.fusion_layers) == \
+        (pre.model.video, pre.model.text, 32, 1)
+    assert cfg.model.init_from == str(tmp_path / "model.pt")
+    # overrides still win over the inherited architecture; pretraining inherits nothing
+    assert load_config(recipe, ["data.frames_per_clip=2", f"model.init_from={tmp_path / 'model.pt'}",
+                                "model.embed_dim=64"], FinetuneConfig).model.embed_dim == 64
+    assert load_config(CONFIGS[0], [f"model.init_from={tmp_path / 'model.pt'}"]).model.embed_dim == 256
+
+
+def test_init_partial_is_a_model_key_off_by_default_and_only_with_init_from():
+    assert load_config(None).model.init_partial is False
+    cfg = load_config(None, ["model.init_partial=true", "model.init_from=x.pt"], FinetuneConfig)
+    assert cfg.model.init_partial is True
+    with pytest.raises(ConfigError, match="bad value for model.init_partial: expected true or false"):
+        load_config(None, ["model.init_partial=maybe", "model.init_from=x.pt"])
+    for cls in (Config, FinetuneConfig):
+        with pytest.raises(ConfigError, match=r"unused config key model\.init_partial: .*without model\.init_from"):
+            load_config(None, ["model.init_partial=true"], cls)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.num_clips=0", r"bad value for data\.num_clips: expected an int >= 1 \(got 0\)"),
+    ("data.crop_scale=2", r"bad value for data\.crop_scale: expected in \(0, 1\]"),
+    ("model.video.heads=[3,4,4,4]", r"bad value for model\.video\.dims\[0\]: expected divisible"),
+    ("model.video.local_stage=9", r"bad value for model\.video\.local_stage: expected in \[0, 3\]"),
+    ("model.loss.temperature=0", r"bad value for model\.loss\.\*temperature: expected > 0"),
+    ("model.video.preset=nope", r"bad value for model\.video\.preset: expected one of the known presets"),
+    ("data=3", r"bad value for data: expected a mapping"),
+    ("train", r"override 'train' is not of the form dotted.key=value"),
+])
+def test_errors_of_every_section_have_one_style(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

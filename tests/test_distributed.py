@@ -59,5 +59,5 @@ def test_two_ranks_match_one_process_on_the_global_batch():
         assert p.exitcode == 0
     for _, loss, grads in results:
         assert abs(loss - float(ref_loss)) < 1e-5
-        for g, p in zip(grads, proj.parameters()):
+        for g, p in zip(grads, proj.parameters(), strict=True):
             torch.testing.assert_close(torch.from_numpy(g), p.grad, atol=1e-6, rtol=1e-5)

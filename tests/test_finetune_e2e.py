@@ -56,8 +56,14 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a file another process may be appending to, without a last one still being written."""
+    text = path.read_text()
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in map(json.loads, complete_lines(run_dir / "metrics.jsonl"))]
 
 
 # ---- configs and recipes ----------------------------------------------------------------------------
@@ -86,7 +92,7 @@ def test_recipe_runs_end_to_end(config, data, tmp_path):
     out = results(run_dir)
     after = out["results"]["after"]
     assert set(out["headline"]) == {"after"} and (run_dir / "results.txt").read_text().count("finetuned") >= 1
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step2" and (run_dir / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step2" and (run_dir / "config.yaml").exists()
     task = load_finetune_config(CONFIGS / config).task.name
     if task == "retrieval":
         assert after["num_videos"] == 8 and (run_dir / "recall_at_k.png").stat().st_size > 1000
@@ -190,30 +196,33 @@ def script(run_dir: Path, data: Path, *extra: str) -> list[str]:
 
 
 def test_sigusr1_saves_and_exits_3_then_resume_continues_exactly(data, tmp_path):
-    common = ["train.steps=5", "train.save_every=100", "task.eval_before=false"]
+    """Stopped by SIGUSR1 (SLURM's warning before the time limit) at an unknown step, then resumed to the end:
+    every logged loss, before and after the resume, equals an uninterrupted run's. The LR is constant after
+    warm-up (train.schedule=step, no decay), so the stopped run's long train.steps changes nothing."""
+    common = ["train.save_every=100", "task.eval_before=false", "train.schedule=step", "train.decay_every=0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(args("how2qa_debug.yaml", full, data, *common)) == 0
-    # stopped by SIGUSR1 (SLURM's warning before the time limit); --resume without a checkpoint starts fresh
-    proc = subprocess.Popen(script(cut, data, "--resume", *common[1:], "train.steps=100000"), env=ENV, cwd=REPO,
+    # --resume without a checkpoint starts fresh
+    proc = subprocess.Popen(script(cut, data, "--resume", *common, "train.steps=100000"), env=ENV, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (cut / "metrics.jsonl").exists() or len(losses(cut)) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+    deadline = time.monotonic() + 300
+    while not (cut / "metrics.jsonl").exists() or len(complete_lines(cut / "metrics.jsonl")) < 2:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no 2 logged steps within 300 s"
         time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 3, out[-3000:]
-    stopped = int((cut / "checkpoints" / "latest").read_text()[len("step"):])
+    stopped = int((cut / "checkpoints" / "latest").read_text()[len("global_step"):])
     assert stopped >= 2 and "signal SIGUSR1" in out
-    # the same run to its end (resume at step `stopped`, then 5 steps in all when stopped < 5)
-    rc = subprocess.run(script(cut, data, "--resume", *common, f"train.steps={max(5, stopped + 2)}"), env=ENV, cwd=REPO,
+    steps = stopped + 3
+    rc = subprocess.run(script(cut, data, "--resume", *common, f"train.steps={steps}"), env=ENV, cwd=REPO,
                         capture_output=True, text=True, timeout=600)
     assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-3000:]
-    resumed = dict(losses(cut))
-    assert sorted(resumed) == list(range(1, max(5, stopped + 2) + 1))  # the log continues, nothing repeated
-    for step, loss in losses(full):  # same data, RNG, optimizer, LR up to the schedule's length
-        if step <= stopped:
-            assert resumed[step] == pytest.approx(loss, rel=1e-5), step
+    assert main(args("how2qa_debug.yaml", full, data, *common, f"train.steps={steps}")) == 0
+    resumed, reference = losses(cut), losses(full)
+    assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, steps + 1))  # nothing repeated
+    for (step, got), (_, want) in zip(resumed, reference, strict=True):  # same data, RNG, optimizer, LR
+        assert got == pytest.approx(want, rel=1e-5), step
     assert "after" in results(cut)["results"]
 
 
@@ -229,7 +238,7 @@ def test_accelerate_deepspeed_two_ranks_matches_ddp(data, tmp_path):
                       str(REPO / "finetune" / "run.py"), *args("anet_retrieval_debug.yaml", ds_dir, data, *common)],
                      env=ENV, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert (ds_dir / "checkpoints" / "step3" / "pytorch_model").is_dir()  # DeepSpeed's sharded checkpoint
+    assert (ds_dir / "checkpoints" / "global_step3" / "pytorch_model").is_dir()  # DeepSpeed's sharded checkpoint
     port = str(free_port())
     ranks = [subprocess.Popen([sys.executable, str(REPO / "finetune" / "run.py"),
                                *args("anet_retrieval_debug.yaml", ddp_dir, data, *common)],
@@ -239,7 +248,7 @@ def test_accelerate_deepspeed_two_ranks_matches_ddp(data, tmp_path):
     outs = [p.communicate(timeout=600)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outs[0][-3000:]
     a, b = losses(ds_dir), losses(ddp_dir)
-    assert [s for s, _ in a] == [1, 2, 3]
-    for (_, la), (_, lb) in zip(a, b):
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    for (_, la), (_, lb) in zip(a, b, strict=True):
         assert la == pytest.approx(lb, rel=1e-4)
     assert results(ds_dir)["results"]["after"]["num_videos"] == 8

@@ -29,7 +29,7 @@ def test_synthetic_multiple_choice_is_answerable_only_from_the_video():
     qa = synthetic_labels("k", META, 4, "question")["qa"]
     assert len(qa) == 4
     movers = ["red circle", "green triangle", "orange square", "red circle"]
-    for q, mover, s in zip(qa, movers, META["sentences"]):
+    for q, mover, s in zip(qa, movers, META["sentences"], strict=True):
         e = parse_synthetic(s["text"])
         assert q["question"] == f"what moves {e['direction']} {e['where']} the {e['still']}?"
         assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
@@ -44,7 +44,7 @@ def test_synthetic_multiple_choice_is_answerable_only_from_the_video():
 def test_synthetic_statements_and_open_questions():
     qa = synthetic_labels("k", META, 2, "statement")["qa"]
     assert len(qa) == 8 and [q["answer"] for q in qa] == [0, 1] * 4
-    for real, fake in zip(qa[::2], qa[1::2]):
+    for real, fake in zip(qa[::2], qa[1::2], strict=True):
         assert real["question"] != fake["question"] and real["choices"] == ["true", "false"]
         a, b = parse_synthetic(real["question"]), parse_synthetic(fake["question"])
         assert (a["colour"] != b["colour"]) != (a["direction"] != b["direction"])  # exactly one thing changed

@@ -111,7 +111,7 @@ def test_train_ranks_split_each_epoch(root):
 
 def assert_same_batches(got: list[dict], want: list[dict]) -> None:
     assert keys_of(got) == keys_of(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         for name in ("video", "depth", "input_ids", "attention_mask"):
             assert torch.equal(g[name], w[name]), name
 
@@ -183,7 +183,7 @@ def with_json(members: dict[str, bytes], **changes) -> dict[str, bytes]:
 def write_split(folder, shards: list[dict[str, bytes]]) -> None:
     os.makedirs(folder)
     names = [f"bad-{i:06d}.tar" for i in range(len(shards))]
-    for name, members in zip(names, shards):
+    for name, members in zip(names, shards, strict=True):
         write_tar(str(folder / name), members)
     json.dump({"shards": names, "counts": [len(m) // 3 for m in shards]}, open(folder / "index.json", "w"))
 

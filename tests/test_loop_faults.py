@@ -1,16 +1,17 @@
-"""Non-finite losses (which micro-batches are dropped, when the optimizer steps, when the run stops) and
-checkpoint retention, without launching DeepSpeed.
+"""The training core's step without launching DeepSpeed: non-finite losses (which micro-batches are dropped,
+when the optimizer steps, when the run stops), gradient accumulation on the plain-PyTorch backend, and
+checkpoint retention.
 
-A stand-in engine records what the loop asks of DeepSpeed; the real engine runs the same path in
-test_training_system.py (with gradient accumulation) and test_pretrain_e2e.py.
+A stand-in engine behind the real DeepSpeedBackend records what the loop asks of DeepSpeed; the real
+engine runs the same path in test_training_system.py (with gradient accumulation) and test_pretrain_e2e.py.
 """
 import math
 
 import pytest
 import torch
 
-from pretrain.config import load_config
-from pretrain.train import NonfiniteGuard, step_taken, train_step, zero_loss
+from pretrain.backends import DeepSpeedBackend, TorchBackend
+from pretrain.trainer import NonfiniteGuard, step_taken, train_step, zero_loss
 
 
 class FakeEngine:
@@ -32,22 +33,45 @@ class FakeEngine:
         self.steps += 1
 
 
-def cfg_with(grad_accum):
-    return load_config(None, [f"train.grad_accum={grad_accum}"])
+def step_with(engine, grad_accum):
+    backend = DeepSpeedBackend(engine, scheduler=None)
+    return train_step(backend, lambda batch, step, micro: engine(batch), iter([{}] * grad_accum), grad_accum, step=0)
 
 
 def test_one_micro_batch_non_finite_skips_the_step_without_backward():
     engine = FakeEngine([math.nan])
-    losses, _, finite = train_step(engine, iter([{}]), cfg_with(1), step=0)
+    losses, _, finite = step_with(engine, 1)
     assert finite == [False] and not step_taken(finite)
     assert engine.backward_losses == [] and engine.steps == 0 and math.isnan(losses["loss"])
 
 
 def test_with_accumulation_a_bad_micro_batch_adds_a_zero_gradient_and_the_step_is_taken():
     engine = FakeEngine([1.5, math.inf, 2.0])
-    _, _, finite = train_step(engine, iter([{}] * 3), cfg_with(3), step=0)
+    _, _, finite = step_with(engine, 3)
     assert finite == [True, False, True] and step_taken(finite)
     assert engine.backward_losses == [1.5, 0.0, 2.0] and engine.steps == 3  # DeepSpeed counts every micro-step
+
+
+def test_torch_backend_accumulates_skips_a_bad_micro_batch_and_steps_once():
+    """Plain-PyTorch backend, 3 micro-batches with a NaN in the middle: one SGD step on the sum of the two
+    finite micro-batches' gradients (computed here by hand), one LR-schedule step, gradients cleared."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    xs = [torch.randn(2, 3) for _ in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    backend = TorchBackend(model, opt, sched, grad_clip=0.0)
+
+    def forward(x, step, micro):
+        loss = model(x).pow(2).mean()
+        return {"loss": loss + math.nan if micro == 1 else loss}
+
+    _, _, finite = train_step(backend, forward, iter(xs), 3, step=0)
+    assert finite == [True, False, True]
+    grad = sum(2 * (x @ w0.T * x).mean(0, keepdim=True) for x in (xs[0], xs[2]))  # d/dw mean((x w)^2)
+    assert torch.allclose(model.weight, w0 - 0.1 * grad, atol=1e-6)
+    assert sched.last_epoch == 1 and model.weight.grad is None
 
 
 def test_zero_loss_gives_every_trainable_parameter_a_zero_gradient():
@@ -71,7 +95,7 @@ def test_guard_counts_runs_across_steps_and_stops_with_advice():
 
 # ---- checkpoint retention ------------------------------------------------------------------------
 
-from pretrain.checkpoint import LATEST, _prune  # noqa: E402
+from pretrain.checkpoint import LATEST, prune  # noqa: E402
 
 
 def folders(ckpt_dir):
@@ -83,10 +107,10 @@ def test_retention_keeps_the_last_k_every_nth_and_always_latest(tmp_path):
         (tmp_path / f"global_step{step}").mkdir()
     (tmp_path / "universal").mkdir()
     (tmp_path / LATEST).write_text("global_step10")
-    _prune(tmp_path, keep_last=2, keep_every=4)
+    prune(tmp_path, keep_last=2, keep_every=4)
     assert folders(tmp_path) == [4, 8, 10] and (tmp_path / "universal").exists()
     # A crash left unfinished saves at 12 and 14; `latest` still names 10, which must survive.
     (tmp_path / "global_step12").mkdir()
     (tmp_path / "global_step14").mkdir()
-    _prune(tmp_path, keep_last=1, keep_every=0)
+    prune(tmp_path, keep_last=1, keep_every=0)
     assert folders(tmp_path) == [10, 14]

@@ -106,7 +106,7 @@ def test_sample_mtc_indices_shapes_ranges_and_determinism():
     assert all(len(set(r)) == 2 for r in k.tolist()) and all(len(set(r)) == 3 for r in v.tolist())
     assert k.max() < 4 and v.max() < 4 and n.max() < 4 and min(k.min(), v.min(), n.min()) >= 0
     again = sample_mtc_indices(7, 4, 2, 3, generator=torch.Generator().manual_seed(1))
-    assert all(torch.equal(a, b) for a, b in zip((k, v, n), again))
+    assert all(torch.equal(a, b) for a, b in zip((k, v, n), again, strict=True))
 
 
 def reference_ssl(v, t, tau, target_tau, threshold, ls):
@@ -124,7 +124,7 @@ def reference_ssl(v, t, tau, target_tau, threshold, ls):
             target = [(1 - ls) * y + ls / B for y in target]
             logits = [logits_of(i, j) for j in range(B)]
             lse = math.log(sum(math.exp(x) for x in logits))
-            total += -sum(y * (x - lse) for y, x in zip(target, logits)) / B
+            total += -sum(y * (x - lse) for y, x in zip(target, logits, strict=True)) / B
     return total / 2
 
 

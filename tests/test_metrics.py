@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from finetune.metrics import chance_metrics, retrieval_metrics, retrieval_ranks
+from pretrain.metrics import chance_metrics, retrieval_metrics, retrieval_ranks
 
 
 def test_ranks_by_hand_with_ties():
@@ -46,7 +46,7 @@ def test_random_similarity_scores_near_chance():
 
 # ---- ranks: the other direction, chunking at scale, against a brute-force reference ---------------
 
-from finetune.metrics import accuracy, caption_metrics, format_table, recall_curve  # noqa: E402
+from pretrain.metrics import accuracy, caption_metrics, format_table, recall_curve  # noqa: E402
 
 
 def reference_ranks(s: torch.Tensor) -> list[float]:

@@ -1,4 +1,5 @@
 """DeepSpeed's JIT ops and shared memory: stale build locks and leaked all-reduce buffers are removed, live ones kept."""
+import json
 import os
 import subprocess
 import sys
@@ -41,8 +42,9 @@ def test_a_lock_a_live_builder_holds_is_kept(extensions):
     finally:
         holder.kill()
         holder.wait()
-    deadline = time.time() + 10  # the kernel closes the descriptor when the holder dies
-    while ops.held_open(path) and time.time() < deadline:
+    deadline = time.monotonic() + 10  # the kernel closes the descriptor when the holder dies
+    while ops.held_open(path):
+        assert time.monotonic() < deadline, f"{path} still held open 10 s after its holder was killed"
         time.sleep(0.05)
     assert ops.clear_stale_locks() == [path]
 
@@ -74,26 +76,42 @@ def test_stale_shm_buffers_are_removed_and_live_or_young_ones_kept(tmp_path, mon
 
 def test_a_real_two_rank_launch_leaves_no_shm_buffer_behind(tmp_path):
     """DeepSpeed's CPU backend, 2 ranks: after release_shm_names() the buffers have no names left, and
-    the all-reduce through the (still mapped) shared memory keeps working."""
+    the all-reduce through the (still mapped) shared memory keeps working.
+
+    Each rank writes its result to a file of its own (result.RANK.json, renamed into place once complete)
+    instead of printing it: the launcher merges both ranks' stdout into one pipe, where lines of the two
+    ranks can interleave, so reading results from there was not deterministic."""
     script = tmp_path / "probe.py"
     script.write_text(
-        "import os, torch, deepspeed, torch.distributed as dist\n"
+        "import json, os, sys, torch, deepspeed, torch.distributed as dist\n"
         "from pretrain.ops import release_shm_names, shm_name\n"
         "deepspeed.init_distributed(dist_backend='gloo')\n"
         "dist.barrier()\n"
-        "me = shm_name(dist.get_rank(), os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])\n"
+        "rank = dist.get_rank()\n"
+        "me = shm_name(rank, os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])\n"
         "had = os.path.exists(me)\n"
         "released = release_shm_names()\n"
         "dist.barrier()\n"
-        "x = torch.full((8,), float(dist.get_rank() + 1))\n"
+        "x = torch.full((8,), float(rank + 1))\n"
         "deepspeed.comm.inference_all_reduce(x)\n"
-        "print('RESULT', had, released, os.path.exists(me), x.tolist()[0], flush=True)\n")
+        "out = os.path.join(sys.argv[-1], f'result.{rank}.json')  # the launcher adds --local_rank before it\n"
+        "with open(out + '.tmp', 'w') as f:\n"
+        "    json.dump({'rank': rank, 'world': dist.get_world_size(), 'had': had, 'released': released,\n"
+        "               'exists_after': os.path.exists(me), 'sum': x.tolist()}, f)\n"
+        "os.replace(out + '.tmp', out)\n")
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
                PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     proc = run_group([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-                      str(free_port()), str(script)], cwd=tmp_path, env=env, timeout=600)
+                      str(free_port()), str(script), str(results_dir)], cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [line.split()[1:] for line in proc.stdout.splitlines() if "RESULT" in line]
-    assert len(results) == 2
-    for line in results:
-        assert line[-4:] == ["True", "True", "False", "3.0"]  # existed, unlinked, gone, 1 + 2 summed
+    files = sorted(p.name for p in results_dir.iterdir())
+    assert files == ["result.0.json", "result.1.json"], (files, proc.stdout[-3000:] + proc.stderr[-3000:])
+    for rank in (0, 1):
+        got = json.loads((results_dir / f"result.{rank}.json").read_text())
+        assert (got["rank"], got["world"]) == (rank, 2)
+        assert got["had"] is True, got  # the buffer existed before release_shm_names()
+        assert got["released"] is True, got  # ... it unlinked it
+        assert got["exists_after"] is False, got  # ... and the name is gone
+        assert got["sum"] == [3.0] * 8, got  # the all-reduce still works: 1 + 2 summed

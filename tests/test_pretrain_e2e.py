@@ -82,8 +82,8 @@ def test_train_save_resume_continues_exactly(data, tmp_path):
     out = launch(cut, data, 6, resume=True)
 
     a, b = metrics(full), metrics(cut)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # the log continues, nothing repeated or lost
-    for ra, rb in zip(a, b):  # same data, RNG, optimizer and LR: the same losses step by step
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # nothing repeated or lost
+    for ra, rb in zip(a, b, strict=True):  # same data, RNG, optimizer and LR: the same losses step by step
         for key in ("loss", "vpc", "mtc", "lr"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
     assert {"samples_per_s", "data_wait_s"} <= set(b[-1])

@@ -76,7 +76,7 @@ def test_copy_mode_keeps_mp4_bytes_and_remuxes_other_containers(copied, videos):
     assert got["v_camera01.mp4"] == (videos / "v_camera01.mp4").read_bytes()  # byte copy, audio included
     for name in ("phone02", "screen03", "old04"):  # remuxed into MP4, not re-encoded: identical pixels
         src, stored = decode_all(videos / next(n for n in GOOD if n.startswith(name))), decode_all(got[f"{name}.mp4"])
-        assert len(src) == len(stored) and all(np.array_equal(a, b) for a, b in zip(src, stored)), name
+        assert len(src) == len(stored) and all(np.array_equal(a, b) for a, b in zip(src, stored, strict=True)), name
         with av.open(io.BytesIO(got[f"{name}.mp4"])) as c:
             assert c.format.name.startswith("mov")
     meta = json.loads(got["v_camera01.json"])
@@ -126,7 +126,7 @@ def test_max_shard_bytes(videos, tmp_path):
     index = build(m, str(tmp_path / "out"), BuildSettings(name="b", max_shard_bytes=limit), progress=False)
     sizes = [os.path.getsize(tmp_path / "out" / n) for n in index["shards"]]
     assert len(sizes) >= 2 and index["num_samples"] == 4
-    for size, count in zip(sizes, index["counts"]):
+    for size, count in zip(sizes, index["counts"], strict=True):
         assert size <= limit or count == 1  # a single sample larger than the limit gets a shard of its own
 
 
@@ -180,7 +180,7 @@ def test_bad_manifest_lines_are_named_before_any_work(tmp_path):
                  '{"id": "a", "video": "a2.mp4", "sentences": []}\nnot json\n')
     with pytest.raises(ValueError) as e:
         build(str(m), str(tmp_path / "out"), BuildSettings(), progress=False)
-    for needle in ("line 2: 'video'", "line 3: a sentence needs", "line 4: id 'a'", "line 5:"):
+    for needle in ("line 2: missing field 'video'", "line 3: a sentence needs", "line 4: id 'a'", "line 5: bad JSON"):
         assert needle in str(e.value)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 

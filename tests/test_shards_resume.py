@@ -52,8 +52,8 @@ def test_interrupted_epoch_resumes_sample_by_sample(root):
 
     got = before + after
     assert [s[0] for s in got] == [s[0] for s in uninterrupted]  # none repeated, none skipped, same order
-    for g, w in zip(got, uninterrupted):
-        for a, b in zip(g[1:], w[1:]):
+    for g, w in zip(got, uninterrupted, strict=True):
+        for a, b in zip(g[1:], w[1:], strict=True):
             assert torch.equal(a, b), g[0]  # same frames, crops, flips, depth and (mirrored) sentences
     keys = [s[0] for s in uninterrupted]
     per_worker = [[k for i, k in enumerate(keys) if i // 3 % 2 == w] for w in (0, 1)]  # batches alternate workers
@@ -99,4 +99,4 @@ def test_epoch_start_state_begins_a_later_epoch(root):
     state = json.loads(json.dumps(epoch_start_state(cfg, 1, 2, epoch=2, root=str(root))))
     started = samples(build_train_loader(cfg, TOKENIZER, 1, 2, state=state, root=str(root)), 5)
     assert [s[0] for s in started] == [s[0] for s in fresh[20:]]
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(started, fresh[20:]))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(started, fresh[20:], strict=True))

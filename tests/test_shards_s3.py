@@ -91,7 +91,7 @@ def test_train_and_eval_over_s3_match_local(endpoint, built, monkeypatch):
     local = DataConfig(train_shards=str(built[1]), val_shards=str(built[1]), **cfg)
     got, want = batches(build_train_loader(remote, TOKENIZER, 0, 1), 5), batches(build_train_loader(local, TOKENIZER, 0, 1), 5)
     assert [b["key"] for b in got] == [b["key"] for b in want]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.equal(g["video"], w["video"]) and torch.equal(g["input_ids"], w["input_ids"])
     assert [b["key"] for b in build_eval_loader(remote, TOKENIZER, 0, 1)] == [["v0", "v2"], ["v1", "v3"]]
     # the endpoint can come from the standard variable instead of the config
@@ -203,3 +203,27 @@ def test_resuming_reader_continues_at_the_byte_it_stopped(monkeypatch):
     with storage.open("s3://b/k") as f:
         assert f.read() == data
     assert len(FS.opened) == 3 and Flaky.failures == 0
+
+
+def test_preflight_finds_shards_through_the_configured_endpoint(endpoint, built):
+    from shards.preflight import MissingInput, require_file, require_shards
+
+    urls = require_shards(built[0], None, Storage(endpoint), what="train shards")
+    assert urls == [f"{built[0]}/m-00000{i}.tar" for i in range(4)]
+    assert require_shards(f"{built[0]}/m-{{000000..000003}}.tar", "/elsewhere", Storage(endpoint)) == urls
+    require_file(f"{built[0]}/index.json", "index", Storage(endpoint))
+    with pytest.raises(MissingInput, match=r"m-000004.tar does not exist \(2 of 6 shards missing\)"):
+        require_shards(f"{built[0]}/m-{{000000..000005}}.tar", None, Storage(endpoint))
+    with pytest.raises(MissingInput, match=f"^shard set s3://{BUCKET}/sets/none does not exist$"):
+        require_shards(f"s3://{BUCKET}/sets/none", None, Storage(endpoint))
+    with pytest.raises(MissingInput, match=f"^--init checkpoint s3://{BUCKET}/ckpt.pt does not exist$"):
+        require_file(f"s3://{BUCKET}/ckpt.pt", "--init checkpoint", Storage(endpoint))
+    client = boto3.client("s3", endpoint_url=endpoint)  # a set with one shard gone since index.json was written
+    for i in range(4):
+        client.copy_object(Bucket=BUCKET, Key=f"sets/gap/m-00000{i}.tar", CopySource=f"{BUCKET}/sets/train/m-00000{i}.tar")
+    client.copy_object(Bucket=BUCKET, Key="sets/gap/index.json", CopySource=f"{BUCKET}/sets/train/index.json")
+    client.delete_object(Bucket=BUCKET, Key="sets/gap/m-000002.tar")
+    with pytest.raises(MissingInput) as e:
+        require_shards(f"s3://{BUCKET}/sets/gap", None, Storage(endpoint))
+    assert str(e.value) == f"shard set s3://{BUCKET}/sets/gap: shard s3://{BUCKET}/sets/gap/m-000002.tar does not exist"
+    assert main(["verify", f"s3://{BUCKET}/sets/gap", "--s3-endpoint", endpoint]) == 2  # exit 2, not 1: an input is missing

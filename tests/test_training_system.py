@@ -1,7 +1,9 @@
 """The training system under the real `deepspeed` launcher on 2 CPU ranks: every ZeRO stage gives the
 same losses, a kill -9 resumes exactly, a world-size change resumes through a universal checkpoint,
 faults stop with clear errors, and the outputs load in plain PyTorch and TensorBoard."""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from test_pretrain_e2e import REPO, TINY, free_port, launch, metrics
 
@@ -34,11 +37,20 @@ def reference(data, tmp_path_factory):
 
 
 def same_losses(a, b, steps, rel=1e-4):
-    by_step = {r["step"]: r for r in a}
-    for r in b:
-        if r["step"] in steps:
-            for key in ("loss", "vpc", "mtc", "lr"):
-                assert r[key] == pytest.approx(by_step[r["step"]][key], rel=rel, abs=1e-6), (r["step"], key)
+    """Rows of runs a and b agree at every step in `steps`, and both logged each of those steps."""
+    by_step_a, by_step_b = {r["step"]: r for r in a}, {r["step"]: r for r in b}
+    missing = [s for s in steps if s not in by_step_a or s not in by_step_b]
+    assert not missing, f"steps {missing} not logged by both runs"
+    for step in steps:
+        for key in ("loss", "vpc", "mtc", "lr"):
+            assert by_step_b[step][key] == pytest.approx(by_step_a[step][key], rel=rel, abs=1e-6), (step, key)
+
+
+def complete_rows(run_dir):
+    """metrics.jsonl of a run that may still be writing it: only the lines already ended by a newline."""
+    path = Path(run_dir) / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 @pytest.mark.parametrize("ds", ["zero1.json", "zero3.json", "zero3_offload.json"])
@@ -101,10 +113,12 @@ def test_kill_minus_nine_then_resume_continues_exactly(victim, data, reference, 
     env = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until step 5 is logged, past the checkpoint at step 4
-        if (tmp_path / "metrics.jsonl").exists() and any(r["step"] >= 5 for r in metrics(tmp_path)):
-            break
+    deadline = time.monotonic() + 300
+    while not any(r["step"] >= 5 for r in complete_rows(tmp_path)):  # step 5 logged: past the checkpoint at step 4
+        if time.monotonic() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"step 5 not logged within 300 s (launcher exit code {proc.returncode})")
         time.sleep(0.01)
     ranks = rank_pids(proc.pid)
     assert len(ranks) == 2, "no rank processes found"
@@ -115,10 +129,12 @@ def test_kill_minus_nine_then_resume_continues_exactly(victim, data, reference, 
     code = proc.wait(timeout=120)
     # The job fails. (DeepSpeed's runner exits 0 when its launcher dies of a signal: it checks returncode > 0.)
     assert code != 0 if victim == "rank" else code in (0, 1)
-    deadline = time.time() + 3  # at once: orphans would go on training (3 more steps and 2 saves)
-    while any(alive(p) for p in ranks) and time.time() < deadline:
+    deadline = time.monotonic() + 3  # at once: orphans would go on training (3 more steps and 2 saves)
+    while any(alive(p) for p in ranks):
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)  # do not leave them training beside the next tests
+            raise AssertionError("ranks outlived the kill by 3 s")
         time.sleep(0.05)
-    assert not any(alive(p) for p in ranks), "ranks outlived the kill"
     assert (tmp_path / "checkpoints" / "latest").read_text() in ("global_step4", "global_step6", "global_step8")
     launch(tmp_path, data, 8, "train.eval_at_end=false", resume=True)
     rows = metrics(tmp_path)
@@ -126,13 +142,111 @@ def test_kill_minus_nine_then_resume_continues_exactly(victim, data, reference, 
     same_losses(metrics(reference), rows, steps=range(1, 9), rel=1e-5)
 
 
+def universal_states(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A universal checkpoint (DeepSpeed's ds_to_universal output, TAG/zero/PARAM/STATE.pt): for every
+    parameter the optimizer holds, its fp32 weight and Adam moments, and the optimizer's step if saved."""
+    out = {}
+    for param_dir in sorted(p for p in (folder / "zero").iterdir() if p.is_dir()):
+        states = {}
+        for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):
+            if (param_dir / f"{state}.pt").exists():
+                value = torch.load(param_dir / f"{state}.pt", map_location="cpu", weights_only=False)["param"]
+                states[state] = value.double() if torch.is_tensor(value) else value
+        out[param_dir.name] = states
+    assert out, f"no parameters in {folder}/zero"
+    return out
+
+
+def to_universal(ckpt_dir: Path, tag: str, out: Path) -> Path:
+    """DeepSpeed's own converter, run on one checkpoint folder."""
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(ckpt_dir / tag), "--output_folder", str(out), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def consolidated(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint, gathered from every rank's shards by DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.double() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
+
+
+def assert_one_adamw_step_apart(run_dir: Path, before: dict, after: dict, weights_before: dict,
+                                weights_after: dict, step: int):
+    """`after` (universal states and consolidated weights saved at `step`) is exactly one AdamW step from
+    `before` (saved at step - 1): for every parameter p, whatever the unknown gradient g of that step was,
+
+        exp_avg'    = b1 exp_avg + (1 - b1) g                 -> g = (exp_avg' - b1 exp_avg) / (1 - b1)
+        exp_avg_sq' = b2 exp_avg_sq + (1 - b2) g^2            (checked with that g)
+        p'          = p (1 - lr wd) - lr (exp_avg' / (1 - b1^t)) / (sqrt(exp_avg_sq' / (1 - b2^t)) + eps)
+
+    with t = step, lr the scheduled rate of that step (the `lr` logged at step - 1, x text_lr / lr for the
+    text encoder) and wd = train.weight_decay for matrices, 0 for 1-D parameters. Moments reset to zero, or
+    weights re-initialised, at the resume break these equations (asserted below, so the check has teeth)."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    b1, b2, eps = cfg["beta1"], cfg["beta2"], 1e-8
+    rows = {r["step"]: r for r in complete_rows(run_dir)}
+    factor = rows[step - 1]["lr"] / cfg["lr"]  # the schedule after step - 1 scheduler steps
+    assert sorted(before) == sorted(after)
+    assert set(before) <= set(weights_before) and set(after) <= set(weights_after)
+    moved, zero_moments_would_fit, reinit_gap = 0.0, True, 0.0
+    for name in sorted(after):
+        m0, v0, w0 = before[name]["exp_avg"], before[name]["exp_avg_sq"], before[name]["fp32"]
+        m1, v1, w1 = after[name]["exp_avg"], after[name]["exp_avg_sq"], after[name]["fp32"]
+        # the universal conversion and DeepSpeed's consolidation agree on the weights of both checkpoints
+        torch.testing.assert_close(w0, weights_before[name].reshape(w0.shape), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(w1, weights_after[name].reshape(w1.shape), rtol=0, atol=0, msg=name)
+        if "step" in after[name]:
+            assert int(after[name]["step"]) == step, (name, after[name]["step"])
+        g = (m1 - b1 * m0) / (1 - b1)
+        scale = float(v1.abs().max()) or 1.0
+        torch.testing.assert_close(v1, b2 * v0 + (1 - b2) * g * g, rtol=1e-4, atol=1e-6 * scale,
+                                   msg=lambda m, name=name: f"{name}: exp_avg_sq did not carry over: {m}")
+        lr = factor * (cfg["text_lr"] if name.startswith("text.") else cfg["lr"])
+        wd = cfg["weight_decay"] if w0.ndim > 1 else 0.0
+        update = (m1 / (1 - b1 ** step)) / ((v1 / (1 - b2 ** step)).sqrt() + eps)
+        torch.testing.assert_close(w1, w0 * (1 - lr * wd) - lr * update, rtol=0, atol=2e-6,
+                                   msg=lambda m, name=name: f"{name}: the weights did not carry over: {m}")
+        moved = max(moved, float((w1 - w0).abs().max()))
+        # what a resume that zeroed the moments would have left: m' = (1 - b1) g', v' = (1 - b2) g'^2
+        g_reset = m1 / (1 - b1)
+        if not torch.allclose(v1, (1 - b2) * g_reset * g_reset, rtol=1e-3, atol=1e-6 * scale):
+            zero_moments_would_fit = False
+        reinit_gap = max(reinit_gap, float((v0 - v1).abs().max()), float(m0.abs().max()))
+    assert moved > 100 * 2e-6, f"step {step} hardly moved the weights ({moved}): the weight check has no teeth"
+    assert not zero_moments_would_fit, f"the moments at step {step} also fit moments reset to zero"
+    assert reinit_gap > 0, f"all Adam moments are zero at step {step - 1}"
+
+
 def test_world_size_change_resumes_through_a_universal_checkpoint(data, reference, tmp_path):
+    """2 ranks -> 1 -> 2 through universal checkpoints. The LR schedule, steps and samples continue, and the
+    weights and Adam moments carry over in both directions. No run can save the state it has just loaded
+    (a save follows an optimizer step), so the state after the first step of each resumed run is checked:
+    it must be exactly one AdamW step from the checkpoint the run resumed from (see
+    assert_one_adamw_step_apart). That checkpoint is read as the run itself loaded it, from the universal
+    folder it converted (RUN/checkpoints/universal/TAG) and checked against DeepSpeed's consolidated weights;
+    the first step's state is read from the checkpoint saved after it (train.save_every=1), converted with
+    DeepSpeed's ds_to_universal and consolidated with zero_to_fp32."""
+    ckpt = tmp_path / "checkpoints"
+    keep = ["train.save_every=1", "train.keep_last=10"]
     launch(tmp_path, data, 8, "train.exit_interval=2", "train.eval_at_end=false", expect=3)
-    out = launch(tmp_path, data, 8, "train.exit_interval=4", "train.eval_at_end=false", resume=True, expect=3, nproc=1)
-    assert "written by 2 ranks into 1 ranks" in out.stdout + out.stderr
-    assert (tmp_path / "checkpoints" / "universal" / "latest_universal").read_text() == "global_step2"
-    out = launch(tmp_path, data, 8, "train.eval_at_end=false", resume=True)  # and back to 2
-    assert "written by 1 ranks into 2 ranks" in out.stdout + out.stderr
+    out = launch(tmp_path, data, 8, "train.exit_interval=4", "train.eval_at_end=false", *keep, resume=True,
+                 expect=3, nproc=1)
+    assert re.search(r"written by 2 ranks into 1\b", out.stdout + out.stderr)
+    assert (ckpt / "universal" / "latest_universal").read_text() == "global_step2"
+    assert_one_adamw_step_apart(tmp_path, universal_states(ckpt / "universal" / "global_step2"),
+                                universal_states(to_universal(ckpt, "global_step3", tmp_path / "u3")),
+                                consolidated(ckpt, "global_step2"), consolidated(ckpt, "global_step3"), step=3)
+
+    out = launch(tmp_path, data, 8, "train.eval_at_end=false", *keep, resume=True)  # and back to 2
+    assert re.search(r"written by 1 ranks into 2\b", out.stdout + out.stderr)
+    assert (ckpt / "universal" / "latest_universal").read_text() == "global_step4"
+    assert_one_adamw_step_apart(tmp_path, universal_states(ckpt / "universal" / "global_step4"),
+                                universal_states(to_universal(ckpt, "global_step5", tmp_path / "u5")),
+                                consolidated(ckpt, "global_step4"), consolidated(ckpt, "global_step5"), step=5)
+
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     ref = {r["step"]: r for r in metrics(reference)}

@@ -22,7 +22,7 @@ import itertools
 import numpy as np
 import torch
 
-from finetune.metrics import retrieval_metrics
+from pretrain.metrics import retrieval_metrics
 from shards.loader import build_eval_loader, get_tokenizer
 from shards.synth import FLIPS, flip_relation
 

@@ -1,7 +1,17 @@
 """Evaluation metrics: retrieval ranks and recalls, QA accuracy, caption BLEU-4 and CIDEr."""
 from __future__ import annotations
 
+import re
+
 import torch
+
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens without punctuation (as the COCO caption evaluation's PTB tokenizer leaves them)."""
+    return WORD.findall(text.lower())
+
 
 
 def rank_counts(similarity: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +99,6 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from the references of the evaluated set, so it needs at least two videos to be non-zero."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-
-    from finetune.labels import words
 
     keys = sorted(predictions)
     assert keys and set(keys) == set(references), "predictions and references must cover the same videos"

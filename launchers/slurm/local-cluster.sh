@@ -1,0 +1,315 @@
+#!/usr/bin/env bash
+# A private SLURM cluster on this machine, for the tests and for trying the sbatch scripts:
+#
+#   launchers/slurm/local-cluster.sh up       start it (installs the Debian packages when missing); idempotent
+#   launchers/slurm/local-cluster.sh status   exit 0 when every daemon is up and the node takes jobs
+#   launchers/slurm/local-cluster.sh down     stop the daemons this script started (by their recorded pids)
+#
+# then point the SLURM commands at it:  export SLURM_CONF=$LONGVL_SLURM_DIR/slurm.conf  (`up` prints it)
+#
+# Everything lives in one state folder, never in a system-wide file (/etc/slurm, /etc/munge are not
+# read or written): its own slurm.conf, munge key and munge socket (AuthInfo=socket=...), pid files,
+# logs and spool folders. The daemons run with the state folder as their working directory, so the
+# checkout this script came from may be deleted while they run.
+#
+#   LONGVL_SLURM_DIR    state folder                      (default /tmp/longvl-slurm)
+#   LONGVL_SLURM_NODES  node names, comma-separated       (default: this host's short name). One node only so
+#                       far; the rest is written per node already (a node line, one `slurmd -N NAME`, %n in
+#                       its pid, log and spool paths). A second node on this host also needs its own slurmd
+#                       Port= on its node line and a SLURM built with multiple-slurmd support, or its own host.
+#   LONGVL_SLURM_CPUS   CPUs each node advertises         (default: nproc, at least 2)
+#   LONGVL_SLURM_PORT   slurmctld port; slurmd uses +1    (default 16817, away from SLURM's 6817/6818)
+#   LONGVL_SLURM_WAIT   seconds any single wait may take  (default 60)
+#
+# A controller (re)started by `up` begins with an empty queue. Two clusters at once need different
+# LONGVL_SLURM_DIR and LONGVL_SLURM_PORT.
+#
+# Must run as root: slurmd launches the jobs' processes and munged runs as the munge user.
+# Requires Debian/Ubuntu packages munge, slurmctld, slurmd, slurm-client (installed with apt-get when missing).
+set -euo pipefail
+
+STATE=${LONGVL_SLURM_DIR:-/tmp/longvl-slurm}
+NODES=${LONGVL_SLURM_NODES:-$(hostname -s)}
+PORT=${LONGVL_SLURM_PORT:-16817}
+WAIT=${LONGVL_SLURM_WAIT:-60}
+CONF=$STATE/slurm.conf
+RUN=$STATE/run          # pid files: <daemon>.pid written by this script (the pid it started)
+LOG=$STATE/log
+MUNGE=$STATE/munge      # key, seed, munged's own pid file (only the munge user may enter)
+SOCKET=$STATE/munge-socket/munge.socket  # its folder: owned by munge, entered by all (munged requires it)
+PKGS=(munge slurmctld slurmd slurm-client)
+ME=local-cluster.sh
+
+die() { echo "$ME: ERROR: $*" >&2; exit 1; }
+say() { echo "$ME: $*"; }
+
+IFS=, read -ra NODE_LIST <<<"$NODES"
+[ ${#NODE_LIST[@]} -ge 1 ] || die "LONGVL_SLURM_NODES is empty"
+for n in "${NODE_LIST[@]}"; do [[ $n =~ ^[A-Za-z0-9_-]+$ ]] || die "bad node name '$n' in LONGVL_SLURM_NODES"; done
+[[ $PORT =~ ^[0-9]+$ ]] && [[ $WAIT =~ ^[0-9]+$ ]] || die "LONGVL_SLURM_PORT and LONGVL_SLURM_WAIT must be integers"
+
+# ---------------------------------------------------------------------------------------- processes --
+# pid_of NAME: the pid this script recorded for daemon NAME (empty when none)
+pid_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
+# alive NAME COMM: the recorded pid is a live (not zombie) process whose command name is COMM;
+# a pid that was reused by another program does not count
+alive() {
+  local pid st
+  pid=$(pid_of "$1")
+  [[ $pid =~ ^[0-9]+$ ]] && st=$(cat "/proc/$pid/stat" 2>/dev/null) && [[ $st == "$pid ($2) "[!ZX]* ]]
+}
+# wait_until SECONDS CMD...: run CMD every 0.2 s until it succeeds; false once SECONDS have passed
+wait_until() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+# gone PID COMM: PID is no longer a live process called COMM
+gone() { ! grep -qs "^$1 ($2) [^ZX]" "/proc/$1/stat"; }
+# start NAME COMM CMD...: run CMD (which execs COMM) in a session of its own, in the state folder,
+# record its pid; fail with the end of its log when it dies at once
+start() {
+  local name=$1 comm=$2
+  shift 2
+  (cd "$STATE" && exec setsid "$@" </dev/null >>"$LOG/$name.out" 2>&1 9>&-) &  # not the lock (fd 9)
+  echo $! >"$RUN/$name.pid"
+  sleep 0.3
+  alive "$name" "$comm" || die "$name exited at once; see $LOG/$name.out and $LOG/$name.log:
+$(tail -n 15 "$LOG/$name.out" "$LOG/$name.log" 2>/dev/null)"
+  say "started $name (pid $(pid_of "$name"))"
+}
+# stop NAME COMM: TERM the recorded pid, KILL after WAIT seconds; never anything this script did not start
+stop() {
+  local pid
+  pid=$(pid_of "$1")
+  if alive "$1" "$2"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_until "$WAIT" gone "$pid" "$2"; then
+      say "$1 (pid $pid) ignored SIGTERM for ${WAIT}s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    say "stopped $1 (pid $pid)"
+  elif [ -n "$pid" ]; then
+    say "$1 (pid $pid) was not running"
+  fi
+  rm -f "$RUN/$1.pid"
+}
+
+export SLURM_CONF=$CONF
+munge_ok() { munge --socket="$SOCKET" -n </dev/null | unmunge --socket="$SOCKET"; }
+ctld_ok() { scontrol ping | grep -q 'is UP'; }
+# node_state NODE: SLURM's state of the node, lower case (idle, mixed, down*, ...)
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
+node_ok() { case $(node_state "$1") in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac; }
+daemons_alive() {
+  alive munged munged && alive slurmctld slurmctld || return 1
+  local n
+  for n in "${NODE_LIST[@]}"; do alive "slurmd-$n" slurmd || return 1; done
+}
+healthy() {
+  daemons_alive && munge_ok >/dev/null 2>&1 && ctld_ok >/dev/null 2>&1 || return 1
+  local n
+  for n in "${NODE_LIST[@]}"; do node_ok "$n" || return 1; done
+}
+
+# ----------------------------------------------------------------------------------------- packages --
+install_packages() {
+  local missing=() p
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  command -v apt-get >/dev/null || die "SLURM packages missing (${missing[*]}) and no apt-get to install them"
+  say "installing ${missing[*]}"
+  # a policy of our own (invoke-rc.d honours POLICYRCD) keeps the packages' scripts from starting the
+  # system-wide daemons: this cluster runs its own
+  printf '#!/bin/sh\nexit 101\n' >"$STATE/policy-rc.d"
+  chmod 755 "$STATE/policy-rc.d"
+  DEBIAN_FRONTEND=noninteractive POLICYRCD=$STATE/policy-rc.d apt-get update -qq ||
+    die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive POLICYRCD=$STATE/policy-rc.d \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$LOG/apt-get.log" 2>&1 ||
+    die "apt-get install ${missing[*]} failed:
+$(tail -n 20 "$LOG/apt-get.log")"
+}
+
+# ------------------------------------------------------------------------------------------- config --
+write_conf() {
+  local cpus mem n new
+  cpus=${LONGVL_SLURM_CPUS:-$(nproc)}
+  ((cpus >= 2)) || cpus=2  # the tests run two ranks on one node
+  # 80% of the machine's memory: MemTotal does not change between runs, so neither does the file
+  mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
+  new="# written by launchers/slurm/local-cluster.sh; rewritten by its 'up'
+ClusterName=longvl-local
+SlurmctldHost=${NODE_LIST[0]}(127.0.0.1)
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$SOCKET
+MpiDefault=none
+# no cgroups: plain /proc process tracking, no task binding
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MailProg=/bin/true
+# trust the node lines below even where the detected hardware differs (no drained node)
+SlurmdParameters=config_overrides
+StateSaveLocation=$STATE/spool/slurmctld
+SlurmdSpoolDir=$STATE/spool/slurmd-%n
+SlurmctldPidFile=$RUN/slurmctld.daemon.pid
+SlurmdPidFile=$RUN/slurmd-%n.daemon.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd-%n.log"
+  for n in "${NODE_LIST[@]}"; do
+    new+="
+NodeName=$n NodeHostname=$(hostname -s) NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+  done
+  new+="
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  if [ "$(cat "$CONF" 2>/dev/null)" = "$new" ]; then
+    return 1
+  fi
+  printf '%s\n' "$new" >"$CONF.tmp"
+  mv "$CONF.tmp" "$CONF"
+  say "wrote $CONF"
+}
+
+# --------------------------------------------------------------------------------------------- up --
+up() {
+  local t0=$SECONDS n changed=0 fresh=0
+  [ "$(id -u)" = 0 ] || die "must run as root (slurmd starts the jobs, munged runs as the munge user)"
+  ((${#NODE_LIST[@]} == 1)) || die "only one node is supported so far (LONGVL_SLURM_NODES=$NODES)"
+  install -d -m 755 "$STATE" "$RUN" "$LOG" "$STATE/spool"
+  # one `up` or `down` at a time (two test sessions may start together)
+  exec 9>"$STATE/lock"
+  flock -w "$((WAIT * 10))" 9 || die "another $ME holds $STATE/lock for more than $((WAIT * 10))s"
+  if [ -s "$CONF" ] && healthy; then
+    say "already up ($CONF)"
+    echo "SLURM_CONF=$CONF"
+    return 0
+  fi
+  install_packages
+  for cmd in munged munge unmunge slurmctld slurmd scontrol sinfo srun sbatch setpriv; do
+    command -v "$cmd" >/dev/null || die "$cmd not found after installing ${PKGS[*]}"
+  done
+
+  # munge: its own key and socket, in a folder only the munge user may enter
+  install -d -o munge -g munge -m 700 "$MUNGE"
+  install -d -o munge -g munge -m 755 "$(dirname "$SOCKET")"
+  if [ ! -s "$MUNGE/munge.key" ]; then
+    dd if=/dev/urandom of="$MUNGE/munge.key.tmp" bs=1024 count=1 status=none
+    chown munge:munge "$MUNGE/munge.key.tmp"
+    chmod 400 "$MUNGE/munge.key.tmp"
+    mv "$MUNGE/munge.key.tmp" "$MUNGE/munge.key"
+    say "created $MUNGE/munge.key"
+  fi
+  if alive munged munged && munge_ok >/dev/null 2>&1; then
+    say "munged already running (pid $(pid_of munged))"
+  else
+    stop munged munged
+    rm -f "$SOCKET" "$SOCKET.lock"
+    # setpriv execs munged as the munge user, so the recorded pid is munged's own
+    start munged munged setpriv --reuid=munge --regid=munge --init-groups \
+      munged --foreground --socket="$SOCKET" --key-file="$MUNGE/munge.key" --pid-file="$MUNGE/munged.pid" \
+      --seed-file="$MUNGE/munged.seed"   # in the foreground it logs to stderr: $LOG/munged.out
+    wait_until "$WAIT" munge_ok || die "munge round trip through $SOCKET failed for ${WAIT}s; see $LOG/munged.out"
+  fi
+
+  # slurm.conf: a changed file needs fresh daemons (node definitions cannot be reconfigured)
+  write_conf && changed=1
+  install -d -m 755 "$STATE/spool/slurmctld"
+  for n in "${NODE_LIST[@]}"; do install -d -m 755 "$STATE/spool/slurmd-$n"; done
+  if [ $changed = 1 ]; then
+    for n in "${NODE_LIST[@]}"; do stop "slurmd-$n" slurmd; done
+    stop slurmctld slurmctld
+  fi
+  if alive slurmctld slurmctld; then
+    say "slurmctld already running (pid $(pid_of slurmctld))"
+  else
+    # -c: a controller that was not running starts with an empty queue, not with jobs of an earlier life
+    start slurmctld slurmctld slurmctld -D -c -f "$CONF"
+  fi
+  wait_until "$WAIT" ctld_ok || die "slurmctld does not answer after ${WAIT}s; see $LOG/slurmctld.log:
+$(tail -n 15 "$LOG/slurmctld.log" 2>/dev/null)"
+  for n in "${NODE_LIST[@]}"; do
+    if alive "slurmd-$n" slurmd; then
+      say "slurmd-$n already running (pid $(pid_of "slurmd-$n"))"
+    else
+      start "slurmd-$n" slurmd slurmd -D -f "$CONF" -N "$n"
+      fresh=1
+    fi
+  done
+
+  # every node idle (or busy with jobs); a node left down or drained by an earlier run is resumed, and
+  # one stuck 'completing' with jobs of a dead slurmd is cleared at once (slurmctld would take ~90 s)
+  local deadline=$((SECONDS + WAIT)) state
+  for n in "${NODE_LIST[@]}"; do
+    while :; do
+      state=$(node_state "$n")
+      case $state in
+        idle|mixed|allocated) break ;;
+        completing) if [ $fresh = 1 ]; then
+                      scontrol update nodename="$n" state=down reason="slurmd restarted" >/dev/null 2>&1 || true
+                      scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
+                    fi ;;
+        down*|drain*|fail*) scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true ;;
+      esac
+      ((SECONDS < deadline)) || die "node $n is '$state', not idle, after ${WAIT}s; see $LOG/slurmd-$n.log
+$(scontrol show node "$n" 2>&1 | grep -E 'State|Reason')"
+      sleep 0.5
+    done
+  done
+  if [ $fresh = 1 ]; then  # the daemons just started: one job step end to end proves authentication works
+    timeout "$WAIT" srun -J longvl-local-check -N1 -n1 --chdir="$STATE" true >"$LOG/check.out" 2>&1 9>&- ||
+      die "a one-task srun failed or took over ${WAIT}s:
+$(tail -n 15 "$LOG/check.out")"
+  fi
+  say "up in $((SECONDS - t0))s: nodes ${NODE_LIST[*]}, logs in $LOG"
+  echo "SLURM_CONF=$CONF"
+}
+
+# ------------------------------------------------------------------------------------------- down --
+down() {
+  local n
+  [ -d "$RUN" ] || { say "nothing to stop ($RUN does not exist)"; return 0; }
+  exec 9>"$STATE/lock"
+  flock -w "$((WAIT * 10))" 9 || die "another $ME holds $STATE/lock for more than $((WAIT * 10))s"
+  for n in "${NODE_LIST[@]}"; do stop "slurmd-$n" slurmd; done
+  stop slurmctld slurmctld
+  stop munged munged
+}
+
+status() {
+  local n rc=0 s
+  for s in munged:munged slurmctld:slurmctld $(printf 'slurmd-%s:slurmd ' "${NODE_LIST[@]}"); do
+    if alive "${s%%:*}" "${s##*:}"; then echo "${s%%:*}: running (pid $(pid_of "${s%%:*}"))"
+    else echo "${s%%:*}: not running"; rc=1; fi
+  done
+  if [ $rc = 0 ] && healthy; then
+    echo "SLURM_CONF=$CONF"
+    sinfo -N
+  else
+    rc=1
+  fi
+  return $rc
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status   (state in \$LONGVL_SLURM_DIR, default /tmp/longvl-slurm)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,276 @@
+"""The training core: one loop for pretraining (DeepSpeed engine), finetuning (accelerate) and the
+benchmarks' plain-PyTorch baselines.
+
+What every run gets from here: a progress bar, `metrics.jsonl` + TensorBoard, stop signals
+(SIGUSR1 / SIGTERM: finish the step, save, return unfinished, which the entry points turn into
+exit code 3), the non-finite guard, the save cadence with retention (`train.keep_last`,
+`train.keep_every`), failed-save cleanup that names the intact checkpoint, skipped-sample counts by
+reason summed over ranks, and the data-wait measurement. What a backend differs in (how it
+runs a micro-batch and steps, how it writes and reads its sharded files) is a `Backend`
+(`pretrain/backends.py`); what a command differs in (its batch -> losses) is the `forward` it passes.
+Checkpoints and the TrainState: `pretrain/checkpoint.py`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from pretrain import distributed as dist_utils
+from pretrain.checkpoint import LATEST, TrainState, latest_tag, load_checkpoint, rank_seed, rng_state, save_checkpoint
+from pretrain.config import REPO_ROOT, Config
+from shards.loader import build_train_loader
+
+log = logging.getLogger("train")
+
+
+# ---- pieces of the loop ----------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl and TensorBoard events; on resume, records after the checkpoint are dropped.
+    Each record is written with one write() of a whole line, so a reader never sees half a record
+    unless it reads a line that does not end in a newline yet."""
+
+    def __init__(self, run_dir: Path, resumed_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step + 1 if resumed_step else None)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key == "skipped":
+                for reason, n in value.items():
+                    self.tb.add_scalar(f"data/skipped/{reason}", n, record["step"])
+            elif key != "step":
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class StopSignal:
+    """SIGUSR1 / SIGTERM (SLURM's warning before the time limit, preemption): finish the step, save, stop.
+    A context manager: the handlers in force before are put back on exit."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        return dist_utils.any_rank(self.received is not None)
+
+
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """A loss with a zero gradient for every trainable parameter. It stands in for a dropped micro-batch, so
+    every rank runs the same backward and gradient accumulation stays in step."""
+    return sum((p * 0).sum() for p in module.parameters() if p.requires_grad)
+
+
+class NonfiniteGuard:
+    """Counts micro-batches dropped for a non-finite loss on any rank (`total`, restored on resume);
+    `max_in_a_row` of them in a row stop the run with an error that says what to do."""
+
+    def __init__(self, max_in_a_row: int, total: int = 0, advice=lambda: "Lower train.lr or check the data."):
+        self.max_in_a_row, self.total, self.in_a_row, self.advice = max_in_a_row, total, 0, advice
+
+    def update(self, finite: list[bool], step: int, losses: dict) -> None:
+        for ok in finite:
+            self.in_a_row = 0 if ok else self.in_a_row + 1
+            self.total += not ok
+        if not all(finite):
+            log.warning("step %d: non-finite loss %s in %d of %d micro-batches, dropped (%d in a row)", step,
+                        losses, finite.count(False), len(finite), self.in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise RuntimeError(f"non-finite loss in {self.in_a_row} consecutive micro-batches (train.max_nonfinite_"
+                               f"steps={self.max_in_a_row}); last losses {losses}. {self.advice()}")
+
+
+def train_step(backend, forward: Callable, loader_iter: Iterator, grad_accum: int,
+               step: int) -> tuple[dict, float, list[bool]]:
+    """One optimizer step over grad_accum micro-batches -> (losses of the last micro-batch, data wait, which
+    micro-batches had a finite loss on every rank). A non-finite micro-batch is dropped: with grad_accum = 1
+    no backward and no optimizer step run (the step is skipped and retried on the next batch); with more, it
+    contributes a zero gradient and the optimizer steps on the others, so the step count, the LR schedule and
+    the backend's accumulation boundary never drift apart."""
+    wait, finite = 0.0, []
+    for micro in range(grad_accum):
+        t0 = time.perf_counter()
+        batch = next(loader_iter)
+        wait += time.perf_counter() - t0
+        last = micro == grad_accum - 1
+        with backend.micro_batch(last):
+            out = forward(batch, step, micro)
+            finite.append(not dist_utils.any_rank(not bool(torch.isfinite(out["loss"]))))
+            if grad_accum == 1 and not finite[-1]:
+                backend.skip()
+                break
+            backend.backward(out["loss"] if finite[-1] else zero_loss(backend.module), last)
+    return {k: float(v.detach()) for k, v in out.items()}, wait, finite
+
+
+def step_taken(finite: list[bool]) -> bool:
+    """Whether train_step ran an optimizer step: always with accumulation, else only on a finite loss."""
+    return len(finite) > 1 or finite[0]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The same on every rank at a given step, so all ranks compute one loss on the gathered batch
+    (MTC's sampled positions; MLM's masks)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to train.min_lr_ratio (or, with train.schedule = "step",
+    LF-VILA's step decay by train.decay_factor every train.decay_every steps)."""
+    t = train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if getattr(t, "schedule", "cosine") == "step":
+            return t.decay_factor ** (step // t.decay_every) if t.decay_every else 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(model: torch.nn.Module, lr_of: Callable[[str], float], weight_decay: float) -> list[dict]:
+    """AdamW groups: one per (learning rate, decayed or not); no weight decay on 1-D parameters."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((lr_of(name), p.ndim > 1), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": weight_decay if decay else 0.0}
+            for (lr, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+
+
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident set, KiB on Linux
+
+
+def sum_counts(dicts: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+# ---- the loop --------------------------------------------------------------------------------------------
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Every rank, before the process group starts: never train a fresh run over another run's checkpoints."""
+    if (run_dir / "checkpoints" / LATEST).exists() and not resume:
+        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --run-dir")
+
+
+def fit(backend, forward: Callable, cfg: Config, run_dir: Path, resume: bool, desc: str,
+        advice: str = "Lower train.lr or check the data.") -> tuple[TrainState, bool]:
+    """Train to cfg.train.steps, or until a stop signal / train.exit_interval -> (state, finished).
+
+    `backend` steps the model and saves it (pretrain/backends.py); `forward(batch, step, micro)` returns
+    the losses of one micro-batch, "loss" among them. Data come from cfg.data through the streaming
+    loader, positioned where the checkpoint left it."""
+    with StopSignal() as stop:
+        return _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop)
+
+
+def _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop) -> tuple[TrainState, bool]:
+    rank, ws, t = dist_utils.rank(), dist_utils.world_size(), cfg.train
+    ckpt_dir = run_dir / "checkpoints"
+    torch.manual_seed(rank_seed(t.seed, rank))
+    state, data_state = TrainState(world_size=ws), None
+    loaded = load_checkpoint(backend, ckpt_dir, cfg.data, t.seed) if resume else None
+    if loaded is not None:
+        state, data_state = loaded
+    elif resume:
+        log.warning("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
+    loader = build_train_loader(cfg.data, cfg.model.text.resolved_path(), rank, ws, state=data_state,
+                                root=str(REPO_ROOT))
+    metrics = MetricsLog(run_dir, state.step) if rank == 0 else None
+    global_batch = cfg.data.batch_size * t.grad_accum * ws
+    bar = tqdm(total=t.steps, initial=state.step, desc=desc, disable=rank != 0, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+    backend.train()
+    it = iter(loader)
+    guard = NonfiniteGuard(t.max_nonfinite_steps, state.nonfinite_steps,
+                           lambda: f"{advice} The last checkpoint is {latest_tag(ckpt_dir)}.")
+    try:
+        while state.step < t.steps:
+            t0 = time.perf_counter()
+            losses, wait, finite = train_step(backend, forward, it, t.grad_accum, state.step)
+            guard.update(finite, state.step + 1, losses)
+            state.nonfinite_steps = guard.total
+            if not step_taken(finite):
+                continue
+            state.step += 1
+            state.samples_seen += global_batch
+            step_time = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['loss']:.3f}")
+            if state.step % t.log_every == 0 or state.step == t.steps:
+                skipped = sum_counts(dist_utils.all_gather_objects(loader.skipped()))
+                if metrics is not None:
+                    grad_norm = backend.grad_norm()
+                    record = {"step": state.step, **losses, "lr": backend.lr(),
+                              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                              "samples_per_s": global_batch / step_time,
+                              "clips_per_s": global_batch * cfg.data.num_clips / step_time,
+                              "data_wait_s": wait, "data_wait_frac": wait / step_time, "mem_gib": memory_gib(),
+                              "samples_seen": state.samples_seen, "nonfinite_steps": state.nonfinite_steps,
+                              "skipped": skipped}
+                    metrics.write(record)
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in record.items()))
+            signalled = stop.any_rank()
+            exiting = signalled or (t.exit_interval and state.step % t.exit_interval == 0)
+            if state.step % t.save_every == 0 or state.step == t.steps or exiting:
+                rank_state = {"rng": rng_state(), "data": loader.state_dict()}
+                tag = save_checkpoint(backend, ckpt_dir, state, rank_state, t.keep_last, t.keep_every)
+                if rank == 0:
+                    bar.write(f"saved checkpoint {ckpt_dir / tag}")
+            if exiting and state.step < t.steps:
+                why = f"signal {stop.received or 'on another rank'}" if signalled else "train.exit_interval"
+                bar.write(f"{why}: stopping at step {state.step}; continue with --resume")
+                break
+    finally:
+        loader.close()
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    return state, state.step >= t.steps

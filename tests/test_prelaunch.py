@@ -1,0 +1,189 @@
+"""Pre-launch checks of pretrain/run.py and finetune/run.py (issue 12): a bad config key or value, a missing
+config or base file, DeepSpeed JSON, shard set, label file or --init gives exit code 2 and one line on stderr
+naming it, before any process group starts; s3:// shard sets are checked through data.s3_endpoint.
+
+Everything here stops in the checks (no rank starts, nothing trains); the shard sets are index.json plus
+empty tars, which is all a pre-launch check reads."""
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import finetune.run as finetune_run
+import pretrain.run as pretrain_run
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO / "pretrain" / "configs" / "demo.yaml")
+FINETUNE = str(REPO / "finetune" / "configs" / "anet_retrieval_debug.yaml")
+COMMANDS = {"pretrain": (pretrain_run, PRETRAIN), "finetune": (finetune_run, FINETUNE)}
+
+
+def make_split(folder: Path, shards: int = 1) -> Path:
+    folder.mkdir(parents=True)
+    names = [f"s-{i:06d}.tar" for i in range(shards)]
+    for name in names:
+        tarfile.open(folder / name, "w").close()
+    (folder / "index.json").write_text(json.dumps({"shards": names, "counts": [1] * shards, "num_samples": shards}))
+    return folder
+
+
+@pytest.fixture
+def splits(tmp_path):
+    return make_split(tmp_path / "data" / "train"), make_split(tmp_path / "data" / "val")
+
+
+def argv(command: str, tmp_path: Path, splits, *extra: str) -> list[str]:
+    train, val = splits
+    return ["--config", COMMANDS[command][1], "--run-dir", str(tmp_path / "run"), f"data.train_shards={train}",
+            f"data.val_shards={val}", *extra]
+
+
+def fails(command: str, args: list[str], capsys) -> str:
+    """main(args) exits 2 with exactly one line on stderr (no traceback); returns that line."""
+    capsys.readouterr()
+    assert COMMANDS[command][0].main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def passes(command: str, args: list[str]):
+    module = COMMANDS[command][0]
+    return module.preflight(module.parse_args(args))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_good_inputs_pass_the_checks(command, tmp_path, splits):
+    cfg, run_dir = passes(command, argv(command, tmp_path, splits))
+    assert run_dir == tmp_path / "run" and cfg.data.train_shards == str(splits[0])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_config_key_or_value_is_one_line_naming_the_key(command, tmp_path, splits, capsys):
+    err = fails(command, argv(command, tmp_path, splits, "train.stpes=3"), capsys)
+    assert err.startswith("config error: unknown config key train.stpes") and "did you mean train.steps" in err
+    err = fails(command, argv(command, tmp_path, splits, "model.video.temporal_windows=[3,4,8,16]"), capsys)
+    assert "bad value for model.video.temporal_windows[0] / spatial_window: expected" in err
+    err = fails(command, argv(command, tmp_path, splits, "data.num_clips=0"), capsys)
+    assert "bad value for data.num_clips: expected" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_missing_config_or_base_file_is_named(command, tmp_path, splits, capsys):
+    args = argv(command, tmp_path, splits)
+    args[1] = str(tmp_path / "nope.yaml")
+    assert fails(command, args, capsys) == f"config error: config file {tmp_path / 'nope.yaml'} does not exist"
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\n")
+    args[1] = str(tmp_path / "child.yaml")
+    err = fails(command, args, capsys)
+    assert err.startswith(f"config error: base file {tmp_path / 'parent.yaml'}") and "does not exist" in err
+    (tmp_path / "broken.yaml").write_text("train: [steps: 3\n")
+    args[1] = str(tmp_path / "broken.yaml")
+    assert "is not valid YAML" in fails(command, args, capsys)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("key", ["data.train_shards", "data.val_shards"])
+def test_a_missing_shard_set_is_named(command, key, tmp_path, splits, capsys):
+    err = fails(command, argv(command, tmp_path, splits, f"{key}={tmp_path / 'nowhere'}"), capsys)
+    assert err == f"data error: {key} {tmp_path / 'nowhere'} does not exist"
+    (splits[0] / "s-000000.tar").unlink()  # listed in index.json, not on disk
+    err = fails(command, argv(command, tmp_path, splits), capsys)
+    assert "data.train_shards" in err and "s-000000.tar" in err
+
+
+def test_the_val_set_is_not_required_when_pretraining_does_not_evaluate(tmp_path, splits):
+    passes("pretrain", argv("pretrain", tmp_path, splits, f"data.val_shards={tmp_path / 'nowhere'}",
+                            "train.eval_at_end=false"))
+
+
+def test_zeroshot_does_not_require_a_train_set(tmp_path, splits):
+    passes("finetune", argv("finetune", tmp_path, splits, "--task", "zeroshot", f"data.train_shards={tmp_path / 'x'}"))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_missing_init_weights_are_named(command, tmp_path, splits, capsys):
+    missing = tmp_path / "nope.pt"
+    if command == "finetune":
+        err = fails(command, argv(command, tmp_path, splits, "--init", str(missing)), capsys)
+        assert err.startswith("input error: --init:") and str(missing) in err
+    err = fails(command, argv(command, tmp_path, splits, f"model.init_from={missing}"), capsys)
+    assert err.startswith("input error: model.init_from:") and str(missing) in err
+    (tmp_path / "empty").mkdir()
+    err = fails(command, argv(command, tmp_path, splits, f"model.init_from={tmp_path / 'empty'}"), capsys)
+    assert "folder without a checkpoint" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_missing_or_malformed_deepspeed_json_is_named(command, tmp_path, splits, capsys):
+    err = fails(command, argv(command, tmp_path, splits, "--ds-config", str(tmp_path / "ds.json")), capsys)
+    assert err == f"config error: DeepSpeed config (--ds-config) {tmp_path / 'ds.json'} does not exist"
+    (tmp_path / "ds.json").write_text("{not json")
+    assert str(tmp_path / "ds.json") in fails(command, argv(command, tmp_path, splits, "--ds-config",
+                                                             str(tmp_path / "ds.json")), capsys)
+    if command == "pretrain":  # pretraining always runs under DeepSpeed: train.ds_config is read
+        err = fails(command, argv(command, tmp_path, splits, f"train.ds_config={tmp_path / 'none.json'}"), capsys)
+        assert f"DeepSpeed config (train.ds_config) {tmp_path / 'none.json'} does not exist" in err
+
+
+def test_finetune_label_files_are_checked(tmp_path, splits, capsys):
+    for key in ("task.train_labels", "task.val_labels"):
+        err = fails("finetune", argv("finetune", tmp_path, splits, f"{key}={tmp_path / 'labels.jsonl'}"), capsys)
+        assert err == f"data error: label file ({key}) {tmp_path / 'labels.jsonl'} does not exist"
+
+
+def test_finetuning_rejects_loss_keys_it_does_not_use(tmp_path, splits, capsys):
+    err = fails("finetune", argv("finetune", tmp_path, splits, "model.loss.mtc_weight=0.5"), capsys)
+    assert "model.loss.mtc_weight" in err and "finetuning does not use it" in err
+    passes("finetune", argv("finetune", tmp_path, splits, "model.loss.temperature=0.07"))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_run_folder_with_another_runs_checkpoints_needs_resume(command, tmp_path, splits, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("global_step1")
+    assert "--resume" in fails(command, argv(command, tmp_path, splits), capsys)
+    passes(command, argv(command, tmp_path, splits, "--resume"))
+
+
+# ---- s3:// through data.s3_endpoint ------------------------------------------------------------------
+
+BUCKET = "prelaunch"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """moto's real HTTP server on loopback, with a split (index.json + one shard) at s3://BUCKET/train."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", "us-east-1")):
+            mp.setenv(name, value)
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+            mp.delenv(name, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=url)
+        client.create_bucket(Bucket=BUCKET)
+        for split, names in (("train", ["s-000000.tar"]), ("val", ["s-000000.tar"]), ("holey", ["s-000000.tar", "s-000001.tar"])):
+            client.put_object(Bucket=BUCKET, Key=f"{split}/index.json",
+                              Body=json.dumps({"shards": names, "counts": [1] * len(names), "num_samples": len(names)}))
+            client.put_object(Bucket=BUCKET, Key=f"{split}/s-000000.tar", Body=b"\0" * 1024)
+        yield url
+        server.stop()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_s3_shard_sets_are_checked_through_the_configured_endpoint(command, endpoint, tmp_path, capsys):
+    s3 = (f"s3://{BUCKET}/train", f"s3://{BUCKET}/val")
+    cfg, _ = passes(command, argv(command, tmp_path, s3, f"data.s3_endpoint={endpoint}"))
+    assert cfg.data.s3_endpoint == endpoint
+    err = fails(command, argv(command, tmp_path, (f"s3://{BUCKET}/nope", s3[1]), f"data.s3_endpoint={endpoint}"), capsys)
+    assert f"data.train_shards s3://{BUCKET}/nope does not exist" in err
+    err = fails(command, argv(command, tmp_path, (s3[0], f"s3://{BUCKET}/holey"), f"data.s3_endpoint={endpoint}"), capsys)
+    assert "data.val_shards" in err and "s-000001.tar" in err
