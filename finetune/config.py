@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pretrain.config import Config, ConfigError, TrainConfig, check_value as _check, load_config  # noqa: F401
-from pretrain.config import pretrained_config_path, save_config  # noqa: F401  (re-exported for finetune.train)
+from pretrain.config import Config, check_value as _check, load_config
 from pretrain.model import LossConfig
 
 TaskName = Literal["retrieval", "qa_mc", "qa_open", "caption", "zeroshot"]
@@ -71,21 +70,7 @@ class TaskConfig:
 
 
 @dataclass
-class FinetuneTrainConfig(TrainConfig):
-    # LF-VILA's downstream schedule is a step decay (x0.25 every 5 epochs); "cosine" is pretraining's.
-    schedule: Literal["cosine", "step"] = "cosine"
-    decay_every: int = 0  # "step": multiply the LR by decay_factor every this many steps (0: never)
-    decay_factor: float = 0.25
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.decay_every >= 0, "train.decay_every", "an integer >= 0")
-        _check(0 < self.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]")
-
-
-@dataclass
 class FinetuneConfig(Config):
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
 
     COMMAND: typing.ClassVar[str] = "finetuning"
@@ -110,17 +95,9 @@ class FinetuneConfig(Config):
 
     @classmethod
     def unused_keys(cls, data: dict) -> dict[str, str]:
-        train = data.get("train") if isinstance(data.get("train"), dict) else {}
-        schedule = train.get("schedule", FinetuneTrainConfig.schedule)
-        out = super().unused_keys(data)
-        out |= {f"model.loss.{f.name}": "of model.loss.* it reads only temperature, the retrieval head's"
-               for f in dataclasses.fields(LossConfig) if f.name not in LOSS_KEYS_USED}
-        if schedule == "cosine":
-            for key in ("decay_every", "decay_factor"):
-                out[f"train.{key}"] = "with train.schedule=cosine; only train.schedule=step reads it"
-        elif schedule == "step":
-            out["train.min_lr_ratio"] = "with train.schedule=step; only train.schedule=cosine reads it"
-        return out
+        return super().unused_keys(data) | {
+            f"model.loss.{f.name}": "of model.loss.* it reads only temperature, the retrieval head's"
+            for f in dataclasses.fields(LossConfig) if f.name not in LOSS_KEYS_USED}
 
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = (), task: str | None = None,

@@ -24,10 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from finetune.config import FinetuneConfig  # noqa: E402
-from pretrain.config import REPO_ROOT, load_config, resolve_path  # noqa: E402
-from pretrain.run import prelaunch, reported_as  # noqa: E402
-from pretrain.weights import WeightsError, check_source  # noqa: E402
-from shards.preflight import MissingInput, require_file, require_shards  # noqa: E402
+from pretrain.config import resolve_path  # noqa: E402
+from pretrain.prelaunch import check_inputs, load_checked, prelaunch  # noqa: E402
 
 RESUME_ME = 3
 TASK_NAMES = ("retrieval", "qa_mc", "qa_open", "caption", "zeroshot")
@@ -60,47 +58,21 @@ def deepspeed_json(cfg: FinetuneConfig, ds_config: str | None) -> tuple[str, str
     return None
 
 
-def check_inputs(cfg: FinetuneConfig, ds_config: str | None, init_flag: bool) -> None:
-    """Every input the run reads exists and is readable, through the configured storage (data.s3_endpoint)."""
-    storage, root, t = cfg.data.storage, str(REPO_ROOT), cfg.task
-    ds = deepspeed_json(cfg, ds_config)
-    if ds is not None:
-        from pretrain.backends import build_ds_config
-
-        path = os.path.abspath(ds[0]) if os.path.exists(ds[0]) else resolve_path(ds[0])  # as build_accelerator finds it
-        with reported_as("config error"):
-            require_file(path, ds[1])
-        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), path)  # parses and checks it (ConfigError)
-    with reported_as("data error"):
-        if t.name != "zeroshot":
-            require_shards(cfg.data.train_shards, root, storage, what="data.train_shards")
-        require_shards(cfg.data.val_shards, root, storage, what="data.val_shards")
-        labels = [("task.val_labels", t.val_labels)] + ([("task.train_labels", t.train_labels)] if t.name != "zeroshot" else [])
-        for key, path in labels:
-            if path:
-                require_file(resolve_path(path), f"label file ({key})", storage)
-    if cfg.model.init_from:
-        try:
-            check_source(resolve_path(cfg.model.init_from))
-        except WeightsError as e:
-            raise MissingInput(f"{'--init' if init_flag else 'model.init_from'}: {e}") from None
-
-
 def preflight(args) -> tuple[FinetuneConfig, Path]:
-    """Load and check the config and every input before any process starts. Raises ConfigError,
-    MissingInput or SystemExit (a run folder that holds another run's checkpoints)."""
-    config = resolve_path(args.config)
-    with reported_as("config error"):
-        require_file(config, "config file")
+    """The config (with --task and --init), the DeepSpeed JSON if any, the shard sets and label files the task
+    reads, the weights to start from and the run folder, checked before any process starts."""
     extra = ([("task.name", args.task)] if args.task else []) + ([("model.init_from", resolve_path(args.init))]
                                                                  if args.init else [])
-    cfg = load_config(config, [*args.overrides, *extra], FinetuneConfig)
-    check_inputs(cfg, args.ds_config, bool(args.init))
-    run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
-    from pretrain.trainer import check_run_dir
 
-    check_run_dir(run_dir, args.resume)
-    return cfg, run_dir
+    def inputs(cfg: FinetuneConfig) -> None:
+        ds = deepspeed_json(cfg, args.ds_config)
+        if ds is not None:  # relative to the working directory, else to the repository, as build_accelerator finds it
+            ds = (os.path.abspath(ds[0]) if os.path.exists(ds[0]) else resolve_path(ds[0]), ds[1])
+        train = cfg.task.name != "zeroshot"
+        check_inputs(cfg, ds, ["data.train_shards"] * train + ["data.val_shards"],
+                     ["task.val_labels"] + ["task.train_labels"] * train, "--init" if args.init else "model.init_from")
+
+    return load_checked(args, FinetuneConfig, extra, inputs)
 
 
 def main(argv=None) -> int:

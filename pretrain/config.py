@@ -53,8 +53,13 @@ class TrainConfig:
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.98
-    warmup_steps: int = 30  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 30  # linear warm-up, then the schedule
+    # after warm-up: "cosine" decay to min_lr_ratio * lr, or "step" decay (LF-VILA's downstream schedule:
+    # multiply the LR by decay_factor every decay_every steps; 0: never, a constant LR)
+    schedule: Literal["cosine", "step"] = "cosine"
     min_lr_ratio: float = 0.05
+    decay_every: int = 0
+    decay_factor: float = 0.25
     grad_accum: int = 1  # gradient accumulation steps (written into the DeepSpeed config)
     grad_clip: float = 1.0  # max gradient norm (written into the DeepSpeed config); 0 disables
     seed: int = 0
@@ -77,6 +82,8 @@ class TrainConfig:
         check_value(0 <= self.beta2 < 1, "train.beta2", "a number in [0, 1)")
         check_value(0 <= self.warmup_steps, "train.warmup_steps", "an integer >= 0")
         check_value(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a number in [0, 1]")
+        check_value(self.decay_every >= 0, "train.decay_every", "an integer >= 0")
+        check_value(0 < self.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]")
         check_value(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1")
         check_value(self.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)")
         check_value(self.log_every >= 1, "train.log_every", "an integer >= 1")
@@ -117,9 +124,16 @@ class Config:
         """Dotted keys this command does not read (given the nested config `data`, raw or resolved),
         each with the reason; setting one is an error, and save_config leaves them out."""
         model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        train = data.get("train") if isinstance(data.get("train"), dict) else {}
+        out = {}
         if not model.get("init_from"):
-            return {"model.init_partial": "without model.init_from there are no weights to load"}
-        return {}
+            out["model.init_partial"] = "without model.init_from there are no weights to load"
+        if train.get("schedule", TrainConfig.schedule) == "cosine":
+            for key in ("decay_every", "decay_factor"):
+                out[f"train.{key}"] = "with train.schedule=cosine; only train.schedule=step reads it"
+        else:
+            out["train.min_lr_ratio"] = "with train.schedule=step; only train.schedule=cosine reads it"
+        return out
 
     def check_data_and_video(self) -> None:
         """Cross-field checks of what every command builds: the data and the encoders that read it."""

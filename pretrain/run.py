@@ -12,7 +12,6 @@ folder that holds another run without --resume).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -20,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, resolve_path  # noqa: E402
-from pretrain.weights import WeightsError, check_source  # noqa: E402
-from shards.preflight import MissingInput, require_file, require_shards  # noqa: E402
+from pretrain.config import Config, resolve_path  # noqa: E402
+from pretrain.prelaunch import check_inputs, load_checked, prelaunch  # noqa: E402
 
 RESUME_ME = 3  # exit code: stopped early (signal or train.exit_interval) after saving; rerun with --resume
-BAD_INPUT = 2  # exit code: a pre-launch check failed
 
 
 def parse_args(argv=None):
@@ -39,64 +36,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def reported_as(kind: str):
-    """A MissingInput raised inside is reported as "KIND: ..." ("config error", "data error")."""
-    try:
-        yield
-    except MissingInput as e:
-        e.kind = kind
-        raise
+def preflight(args) -> tuple[Config, object]:
+    """The config, the DeepSpeed JSON, the shard sets (val only when evaluated at the end), model.init_from
+    and the run folder, checked before any process group starts."""
+    def inputs(cfg: Config) -> None:
+        ds = resolve_path(args.ds_config or cfg.train.ds_config)
+        what = "DeepSpeed config (--ds-config)" if args.ds_config else "DeepSpeed config (train.ds_config)"
+        shard_sets = ["data.train_shards"] + (["data.val_shards"] if cfg.train.eval_at_end else [])
+        check_inputs(cfg, (ds, what), shard_sets)
 
-
-def check_inputs(cfg: Config, ds_config: str | None) -> None:
-    """Every input the run reads exists and is readable, through the configured storage (data.s3_endpoint)."""
-    from pretrain.backends import build_ds_config
-
-    ds_path = resolve_path(ds_config or cfg.train.ds_config)
-    with reported_as("config error"):
-        require_file(ds_path, "DeepSpeed config (--ds-config)" if ds_config else "DeepSpeed config (train.ds_config)")
-    build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), ds_path)  # parses and checks it (ConfigError)
-    storage, root = cfg.data.storage, str(REPO_ROOT)
-    with reported_as("data error"):
-        require_shards(cfg.data.train_shards, root, storage, what="data.train_shards")
-        if cfg.train.eval_at_end:
-            require_shards(cfg.data.val_shards, root, storage, what="data.val_shards")
-    if cfg.model.init_from:
-        try:
-            check_source(resolve_path(cfg.model.init_from))
-        except WeightsError as e:
-            raise MissingInput(f"model.init_from: {e}") from None
-
-
-def preflight(args) -> tuple[Config, Path]:
-    """Load and check the config and every input before any process group starts. Raises ConfigError,
-    MissingInput or SystemExit (a run folder that holds another run's checkpoints)."""
-    config = resolve_path(args.config)
-    with reported_as("config error"):
-        require_file(config, "config file")
-    cfg = load_config(config, args.overrides)
-    check_inputs(cfg, args.ds_config)
-    run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
-    from pretrain.trainer import check_run_dir
-
-    check_run_dir(run_dir, args.resume)
-    return cfg, run_dir
-
-
-def prelaunch(check, args):
-    """check(args) -> (its result, None); or, when a pre-launch check fails, one line on stderr naming the
-    key or the input and (None, 2). Used by every entry point (finetune/run.py too)."""
-    try:
-        return check(args), None
-    except (ConfigError, MissingInput, OSError) as e:
-        text, kind = str(e), getattr(e, "kind", "config error" if isinstance(e, ConfigError) else "input error")
-    except SystemExit as e:  # check_run_dir: this run folder holds another run
-        if e.code is None or isinstance(e.code, int):
-            raise
-        text, kind = str(e.code), "input error"
-    print(f"{kind}: {' '.join(text.split())}", file=sys.stderr)
-    return None, BAD_INPUT
+    return load_checked(args, Config, inputs=inputs)
 
 
 def main(argv=None) -> int:

@@ -157,7 +157,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_s
     def factor(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
-        if getattr(t, "schedule", "cosine") == "step":
+        if t.schedule == "step":
             return t.decay_factor ** (step // t.decay_every) if t.decay_every else 1.0
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

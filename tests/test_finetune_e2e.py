@@ -9,6 +9,7 @@
 """
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -224,6 +225,43 @@ def test_sigusr1_saves_and_exits_3_then_resume_continues_exactly(data, tmp_path)
     for (step, got), (_, want) in zip(resumed, reference, strict=True):  # same data, RNG, optimizer, LR
         assert got == pytest.approx(want, rel=1e-5), step
     assert "after" in results(cut)["results"]
+
+
+def test_finetuning_keeps_every_nth_checkpoint_logs_skips_and_can_skip_the_final_evaluation(data, tmp_path):
+    """The training core's guarantees, through the accelerate backend: retention (keep_last 1, keep_every 2),
+    skip counts and gradient norms in metrics.jsonl, and train.eval_at_end=false honoured."""
+    run_dir = tmp_path / "run"
+    assert main(args("anet_retrieval_debug.yaml", run_dir, data, "train.steps=5", "train.save_every=1",
+                     "train.keep_last=1", "train.keep_every=2", "task.eval_before=false",
+                     "train.eval_at_end=false")) == 0
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
+    assert kept == ["global_step2", "global_step4", "global_step5"]
+    rows = [json.loads(line) for line in complete_lines(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["skipped"] == {} and r["grad_norm"] > 0 and r["samples_seen"] == 4 * r["step"] for r in rows)
+    assert not (run_dir / "results.json").exists()  # no evaluation before (eval_before) or after (eval_at_end)
+
+
+def test_a_full_disk_during_a_finetuning_save_keeps_the_previous_checkpoint(data, tmp_path):
+    """As in pretraining: a save that fails on one file (here a file-size limit, which fails writes like a full
+    disk) is removed, `latest` keeps naming the previous one, the error names it, and the run resumes from it."""
+    run_dir, common = tmp_path / "run", ["train.save_every=100", "task.eval_before=false", "train.eval_at_end=false"]
+    rc = subprocess.run(script(run_dir, data, *common, "train.steps=4", "train.exit_interval=2"), env=ENV, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 3, rc.stderr[-3000:]
+
+    def limit():  # Python ignores SIGXFSZ, so the write fails with an OSError
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024,) * 2)
+
+    rc = subprocess.run(script(run_dir, data, "--resume", *common, "train.steps=4"), env=ENV, cwd=REPO,
+                        capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert rc.returncode == 1 and "previous checkpoint global_step2 is intact" in rc.stderr, rc.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step2"
+    assert not (run_dir / "checkpoints" / "global_step4").exists()
+    rc = subprocess.run(script(run_dir, data, "--resume", *common, "train.steps=4"), env=ENV, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    assert [s for s, _ in losses(run_dir)] == [1, 2, 3, 4]
 
 
 def test_accelerate_deepspeed_two_ranks_matches_ddp(data, tmp_path):

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     **{f"pretrain.{m}": 1 for m in ("attention", "blocks", "htwa", "token_merging", "video_encoder",
                                     "text_encoder", "fusion", "losses", "model", "flops")},
     **{f"pretrain.{m}": 2 for m in ("distributed", "ops", "config", "checkpoint", "trainer", "backends",
-                                    "weights")},
+                                    "weights", "prelaunch")},
     **{f"pretrain.{m}": 3 for m in ("metrics", "evaluate")},
     **{f"pretrain.{m}": 4 for m in ("train", "run", "export")},
     "finetune": 4, "finetune.*": 4,

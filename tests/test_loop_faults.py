@@ -114,3 +114,26 @@ def test_retention_keeps_the_last_k_every_nth_and_always_latest(tmp_path):
     (tmp_path / "global_step14").mkdir()
     prune(tmp_path, keep_last=1, keep_every=0)
     assert folders(tmp_path) == [10, 14]
+
+
+# ---- the LR schedule -------------------------------------------------------------------------------
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.trainer import build_scheduler  # noqa: E402
+
+
+@pytest.mark.parametrize("schedule, want", [
+    (["train.min_lr_ratio=0.1"], {0: 0.5, 1: 1.0, 6: 0.1 + 0.9 * 0.5, 10: 0.1, 12: 0.1}),  # cosine over steps 2..10
+    (["train.schedule=step", "train.decay_every=3", "train.decay_factor=0.5"], {0: 0.5, 1: 1.0, 2: 1.0, 3: 0.5, 8: 0.25}),
+])
+def test_lr_schedule_warms_up_then_decays_by_cosine_or_by_steps(schedule, want):
+    cfg = load_config(None, ["train.steps=10", "train.warmup_steps=2", "train.lr=1.0", *schedule])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.train)
+    got = {}
+    for step in range(13):
+        got[step] = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+    for step, factor in want.items():
+        assert got[step] == pytest.approx(factor), step

@@ -150,8 +150,9 @@ def universal_states(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         states = {}
         for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):
             if (param_dir / f"{state}.pt").exists():
-                value = torch.load(param_dir / f"{state}.pt", map_location="cpu", weights_only=False)["param"]
-                states[state] = value.double() if torch.is_tensor(value) else value
+                value = torch.load(param_dir / f"{state}.pt", map_location="cpu", weights_only=False)
+                value = value["param"] if isinstance(value, dict) else value  # step.pt is a bare tensor
+                states[state] = value.detach().double()
         out[param_dir.name] = states
     assert out, f"no parameters in {folder}/zero"
     return out
@@ -170,54 +171,71 @@ def consolidated(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO checkpoint, gathered from every rank's shards by DeepSpeed's zero_to_fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return {k: v.double() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
+    return {k: v.detach().double() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
 
 
 def assert_one_adamw_step_apart(run_dir: Path, before: dict, after: dict, weights_before: dict,
                                 weights_after: dict, step: int):
     """`after` (universal states and consolidated weights saved at `step`) is exactly one AdamW step from
-    `before` (saved at step - 1): for every parameter p, whatever the unknown gradient g of that step was,
+    `before` (saved at step - 1). For every parameter p, whatever the unknown gradient g of that step was,
 
         exp_avg'    = b1 exp_avg + (1 - b1) g                 -> g = (exp_avg' - b1 exp_avg) / (1 - b1)
         exp_avg_sq' = b2 exp_avg_sq + (1 - b2) g^2            (checked with that g)
-        p'          = p (1 - lr wd) - lr (exp_avg' / (1 - b1^t)) / (sqrt(exp_avg_sq' / (1 - b2^t)) + eps)
+        p'          = p - lr (wd p + u),  u = (exp_avg' / (1 - b1^t)) / (sqrt(exp_avg_sq' / (1 - b2^t)) + eps)
 
-    with t = step, lr the scheduled rate of that step (the `lr` logged at step - 1, x text_lr / lr for the
-    text encoder) and wd = train.weight_decay for matrices, 0 for 1-D parameters. Moments reset to zero, or
-    weights re-initialised, at the resume break these equations (asserted below, so the check has teeth)."""
+    with t = step, wd = train.weight_decay for matrices and 0 for 1-D parameters. lr is fitted per parameter
+    (least squares, so the test does not depend on how the run orders its parameter groups) and must be one
+    rate for the text encoder and one for the rest, in the ratio train.text_lr : train.lr, one of them the
+    `lr` the run logged after step - 1 (the rate of step t; a wrong t would scale it). Parameters without
+    moments (frozen) must not change. Moments reset to zero at the resume, or weights re-initialised, break
+    these equations; the last assertions check that the data can tell (the check has teeth)."""
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     b1, b2, eps = cfg["beta1"], cfg["beta2"], 1e-8
-    rows = {r["step"]: r for r in complete_rows(run_dir)}
-    factor = rows[step - 1]["lr"] / cfg["lr"]  # the schedule after step - 1 scheduler steps
+    logged_lr = {r["step"]: r for r in complete_rows(run_dir)}[step - 1]["lr"]
     assert sorted(before) == sorted(after)
     assert set(before) <= set(weights_before) and set(after) <= set(weights_after)
-    moved, zero_moments_would_fit, reinit_gap = 0.0, True, 0.0
+    lrs = {True: [], False: []}  # text encoder or not -> fitted rates
+    moved, zero_moments_would_fit, moments_before = 0.0, True, 0.0
     for name in sorted(after):
-        m0, v0, w0 = before[name]["exp_avg"], before[name]["exp_avg_sq"], before[name]["fp32"]
-        m1, v1, w1 = after[name]["exp_avg"], after[name]["exp_avg_sq"], after[name]["fp32"]
+        w0, w1 = before[name]["fp32"], after[name]["fp32"]
         # the universal conversion and DeepSpeed's consolidation agree on the weights of both checkpoints
         torch.testing.assert_close(w0, weights_before[name].reshape(w0.shape), rtol=0, atol=0, msg=name)
         torch.testing.assert_close(w1, weights_after[name].reshape(w1.shape), rtol=0, atol=0, msg=name)
+        if "exp_avg" not in after[name]:  # frozen: the optimizer does not hold it
+            assert "exp_avg" not in before[name] and torch.equal(w0, w1), name
+            continue
         if "step" in after[name]:
             assert int(after[name]["step"]) == step, (name, after[name]["step"])
+        m0, v0, m1, v1 = before[name]["exp_avg"], before[name]["exp_avg_sq"], after[name]["exp_avg"], after[name]["exp_avg_sq"]
         g = (m1 - b1 * m0) / (1 - b1)
         scale = float(v1.abs().max()) or 1.0
         torch.testing.assert_close(v1, b2 * v0 + (1 - b2) * g * g, rtol=1e-4, atol=1e-6 * scale,
                                    msg=lambda m, name=name: f"{name}: exp_avg_sq did not carry over: {m}")
-        lr = factor * (cfg["text_lr"] if name.startswith("text.") else cfg["lr"])
-        wd = cfg["weight_decay"] if w0.ndim > 1 else 0.0
-        update = (m1 / (1 - b1 ** step)) / ((v1 / (1 - b2 ** step)).sqrt() + eps)
-        torch.testing.assert_close(w1, w0 * (1 - lr * wd) - lr * update, rtol=0, atol=2e-6,
+        u = (m1 / (1 - b1 ** step)) / ((v1 / (1 - b2 ** step)).sqrt() + eps)
+        x = (cfg["weight_decay"] if w0.ndim > 1 else 0.0) * w0 + u
+        if float((x * x).sum()) == 0:  # no gradient ever, no decay: nothing may change
+            assert torch.equal(w0, w1), name
+            continue
+        lr = float(((w0 - w1) * x).sum() / (x * x).sum())
+        torch.testing.assert_close(w1, w0 - lr * x, rtol=1e-6, atol=2e-7,  # float32 weights
                                    msg=lambda m, name=name: f"{name}: the weights did not carry over: {m}")
+        lrs[name.startswith("text.")].append(lr)
         moved = max(moved, float((w1 - w0).abs().max()))
         # what a resume that zeroed the moments would have left: m' = (1 - b1) g', v' = (1 - b2) g'^2
         g_reset = m1 / (1 - b1)
         if not torch.allclose(v1, (1 - b2) * g_reset * g_reset, rtol=1e-3, atol=1e-6 * scale):
             zero_moments_would_fit = False
-        reinit_gap = max(reinit_gap, float((v0 - v1).abs().max()), float(m0.abs().max()))
-    assert moved > 100 * 2e-6, f"step {step} hardly moved the weights ({moved}): the weight check has no teeth"
+        moments_before = max(moments_before, float(m0.abs().max()), float(v0.abs().max()))
+    assert lrs[True] and lrs[False], "expected parameters of the text encoder and of the rest"
+    text_lr, other_lr = lrs[True][0], lrs[False][0]
+    assert lrs[True] == pytest.approx([text_lr] * len(lrs[True]), rel=1e-3), "the text encoder's rates differ"
+    assert lrs[False] == pytest.approx([other_lr] * len(lrs[False]), rel=1e-3), "the other rates differ"
+    assert text_lr / other_lr == pytest.approx(cfg["text_lr"] / cfg["lr"], rel=1e-3)
+    assert logged_lr == pytest.approx(text_lr, rel=1e-3) or logged_lr == pytest.approx(other_lr, rel=1e-3), \
+        (logged_lr, text_lr, other_lr)
+    assert moved > 100 * 2e-7, f"step {step} hardly moved the weights ({moved}): the weight check has no teeth"
+    assert moments_before > 0, f"all Adam moments are zero at step {step - 1}"
     assert not zero_moments_would_fit, f"the moments at step {step} also fit moments reset to zero"
-    assert reinit_gap > 0, f"all Adam moments are zero at step {step - 1}"
 
 
 def test_world_size_change_resumes_through_a_universal_checkpoint(data, reference, tmp_path):

@@ -116,8 +116,12 @@ healthy() {
 }
 
 # ----------------------------------------------------------------------------------------- packages --
+COMMANDS=(munged munge unmunge slurmctld slurmd scontrol sinfo srun sbatch setpriv flock)
+missing_commands() { local c; for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null || printf '%s ' "$c"; done; }
+have_commands() { [ -z "$(missing_commands)" ]; }
 install_packages() {
   local missing=() p
+  have_commands && return 0  # installed some other way: fine too
   for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
   done
@@ -202,9 +206,7 @@ up() {
     return 0
   fi
   install_packages
-  for cmd in munged munge unmunge slurmctld slurmd scontrol sinfo srun sbatch setpriv; do
-    command -v "$cmd" >/dev/null || die "$cmd not found after installing ${PKGS[*]}"
-  done
+  have_commands || die "$(missing_commands) not found after installing ${PKGS[*]}"
 
   # munge: its own key and socket, in a folder only the munge user may enter
   install -d -o munge -g munge -m 700 "$MUNGE"

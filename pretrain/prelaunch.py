@@ -1,0 +1,91 @@
+"""The pre-launch check every training command runs before any process group starts (`pretrain/run.py`,
+`finetune/run.py`; `python -m shards` uses `shards.preflight` the same way).
+
+A failure is one line on stderr and exit code 2, never a traceback per rank: "config error: ..." (a
+missing or unreadable config or `base:` file, a bad key or value, a missing or bad DeepSpeed JSON),
+"data error: ..." (shard sets, checked through the configured storage so `data.s3_endpoint` is
+honoured; label files) or "input error: ..." (`--init` / `model.init_from`; a run folder that holds
+another run's checkpoints without --resume).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, resolve_path
+from pretrain.trainer import check_run_dir
+from pretrain.weights import WeightsError, check_source
+from shards.preflight import MissingInput, require_file, require_shards
+
+BAD_INPUT = 2  # exit code: a pre-launch check failed
+
+
+@contextlib.contextmanager
+def reported_as(kind: str):
+    """A MissingInput raised inside is reported as "KIND: ..." ("config error", "data error")."""
+    try:
+        yield
+    except MissingInput as e:
+        e.kind = kind
+        raise
+
+
+def check_inputs(cfg: Config, ds: tuple[str, str] | None, shard_sets: Sequence[str], label_files: Sequence[str] = (),
+                 init_key: str = "model.init_from") -> None:
+    """Every input the run reads exists and is readable: the DeepSpeed JSON `ds` = (path, what it is), or None
+    without DeepSpeed; the shard sets and label files named by their dotted keys (empty values are skipped);
+    the weights to start from."""
+    if ds is not None:
+        from pretrain.backends import build_ds_config
+
+        with reported_as("config error"):
+            require_file(ds[0], ds[1])
+        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), ds[0])  # parses and checks it (ConfigError)
+    with reported_as("data error"):
+        for key in shard_sets:
+            require_shards(_get(cfg, key), str(REPO_ROOT), cfg.data.storage, what=key)
+        for key in label_files:
+            if _get(cfg, key):
+                require_file(resolve_path(_get(cfg, key)), f"label file ({key})", cfg.data.storage)
+    if cfg.model.init_from:
+        try:
+            check_source(resolve_path(cfg.model.init_from))
+        except WeightsError as e:
+            raise MissingInput(f"{init_key}: {e}") from None
+
+
+def _get(cfg, dotted: str):
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
+
+
+def load_checked(args, cls: type, extra: Sequence = (), inputs: Callable[[Config], None] = lambda cfg: None):
+    """The config (args.config + args.overrides + `extra`), its inputs checked by `inputs(cfg)`, and the run
+    folder, which must not hold another run's checkpoints without --resume -> (cfg, run_dir)."""
+    config = resolve_path(args.config)
+    with reported_as("config error"):
+        require_file(config, "config file")
+    cfg = load_config(config, [*args.overrides, *extra], cls)
+    inputs(cfg)
+    run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
+    check_run_dir(run_dir, args.resume)
+    return cfg, run_dir
+
+
+def prelaunch(check: Callable, args):
+    """check(args) -> (its result, None); or, when a pre-launch check fails, one line on stderr naming the
+    key or the input and (None, 2)."""
+    try:
+        return check(args), None
+    except (ConfigError, MissingInput, OSError) as e:
+        text, kind = str(e), getattr(e, "kind", "config error" if isinstance(e, ConfigError) else "input error")
+    except SystemExit as e:  # check_run_dir: this run folder holds another run
+        if e.code is None or isinstance(e.code, int):
+            raise
+        text, kind = str(e.code), "input error"
+    print(f"{kind}: {' '.join(text.split())}", file=sys.stderr)
+    return None, BAD_INPUT
