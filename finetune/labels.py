@@ -20,7 +20,7 @@ from collections import Counter
 
 import numpy as np
 
-from pretrain.metrics import WORD, words  # noqa: F401  (the tokeniser the caption metrics use; re-exported)
+from pretrain.metrics import words  # the tokeniser the caption metrics use
 from shards.format import read_tar, resolve_shards, sample_key
 from shards.storage import Storage
 from shards.synth import COLOURS, SHAPES

@@ -203,15 +203,23 @@ def test_sigusr1_saves_and_exits_3_then_resume_continues_exactly(data, tmp_path)
     common = ["train.save_every=100", "task.eval_before=false", "train.schedule=step", "train.decay_every=0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     # --resume without a checkpoint starts fresh
-    proc = subprocess.Popen(script(cut, data, "--resume", *common, "train.steps=100000"), env=ENV, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not (cut / "metrics.jsonl").exists() or len(complete_lines(cut / "metrics.jsonl")) < 2:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no 2 logged steps within 300 s"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=300)[0]
+    log = tmp_path / "cut.log"  # a file, not a pipe nobody reads while polling (a full pipe would block the run)
+    with open(log, "w") as out_file:
+        proc = subprocess.Popen(script(cut, data, "--resume", *common, "train.steps=100000"), env=ENV, cwd=REPO,
+                                stdout=out_file, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (cut / "metrics.jsonl").exists() or len(complete_lines(cut / "metrics.jsonl")) < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no 2 logged steps within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
     assert proc.returncode == 3, out[-3000:]
     stopped = int((cut / "checkpoints" / "latest").read_text()[len("global_step"):])
     assert stopped >= 2 and "signal SIGUSR1" in out
@@ -283,7 +291,13 @@ def test_accelerate_deepspeed_two_ranks_matches_ddp(data, tmp_path):
                               env=ENV | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in ranks]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in ranks]
+    finally:  # a rank that timed out (or the other one) does not live on after the test
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in ranks] == [0, 0], outs[0][-3000:]
     a, b = losses(ds_dir), losses(ddp_dir)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
