@@ -25,7 +25,7 @@ from finetune.heads import TaskModel
 from finetune.report import write_report
 from finetune.tasks import TASKS, Task
 from pretrain import distributed as dist_utils
-from pretrain.backends import AccelerateBackend, build_ds_config
+from pretrain.backends import AccelerateBackend, build_ds_config, resolve_precision
 from pretrain.config import pretrained_config_path, resolve_path, save_config
 from pretrain.model import VideoTextModel
 from pretrain.ops import release_shm_names
@@ -52,7 +52,8 @@ def build_accelerator(cfg: FinetuneConfig, ds_config: str | None):
     if ds_file is None:  # plain PyTorch: on CPUs accelerate needs cpu=True for gloo DDP
         # a task uses only some of the backbone's heads (VPC: not the clip and sentence projections)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        return Accelerator(cpu=not gpu, kwargs_handlers=[ddp], **common), False
+        precision = "bf16" if resolve_precision(cfg.train.precision) == "bf16" else "no"  # autocast, as DeepSpeed's bf16
+        return Accelerator(cpu=not gpu, mixed_precision=precision, kwargs_handlers=[ddp], **common), False
     if os.path.exists(ds_file):  # a path given relative to the working directory
         ds_file = os.path.abspath(ds_file)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"

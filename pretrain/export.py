@@ -15,15 +15,13 @@ from pathlib import Path
 
 import torch
 
+from pretrain.weights import WeightsError, read_state_dict
+
 
 def export(run_dir: str | Path, out: str | Path) -> Path:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Raises WeightsError (one line) when RUN_DIR holds no complete checkpoint."""
     run_dir, out = Path(run_dir), Path(out)
-    ckpt = run_dir / "checkpoints"
-    if not (ckpt / "latest").is_file():
-        raise FileNotFoundError(f"{ckpt} has no complete checkpoint (no 'latest' file)")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    state = read_state_dict(run_dir / "checkpoints")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
@@ -37,7 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir")
     p.add_argument("out")
     args = p.parse_args(argv)
-    print(f"wrote {export(args.run_dir, args.out)}")
+    try:
+        print(f"wrote {export(args.run_dir, args.out)}")
+    except WeightsError as e:
+        print(f"input error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

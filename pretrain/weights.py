@@ -23,8 +23,9 @@ from typing import Sequence
 
 import torch
 
+from pretrain.checkpoint import LATEST
+
 log = logging.getLogger("pretrain")
-LATEST = "latest"
 SHOWN = 10  # keys listed per kind in a message
 
 

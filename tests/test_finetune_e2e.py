@@ -250,6 +250,19 @@ def test_finetuning_keeps_every_nth_checkpoint_logs_skips_and_can_skip_the_final
     assert not (run_dir / "results.json").exists()  # no evaluation before (eval_before) or after (eval_at_end)
 
 
+def test_finetuning_without_deepspeed_honours_train_precision_bf16(data, tmp_path):
+    """train.precision=bf16 on the plain-PyTorch path is accelerate's bf16 autocast, never ignored: the first
+    loss (same weights, same batch) differs from fp32's by rounding only."""
+    common = ["train.steps=1", "task.eval_before=false", "train.eval_at_end=false"]
+    assert main(args("anet_retrieval_debug.yaml", tmp_path / "fp32", data, *common, "train.precision=fp32")) == 0
+    bf16_run = [sys.executable, str(REPO / "finetune" / "run.py"),  # a process of its own: accelerate's state is
+                *args("anet_retrieval_debug.yaml", tmp_path / "bf16", data, *common, "train.precision=bf16")]  # global
+    rc = subprocess.run(bf16_run, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    (_, fp32), (_, bf16) = losses(tmp_path / "fp32")[0], losses(tmp_path / "bf16")[0]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=5e-2)
+
+
 def test_a_full_disk_during_a_finetuning_save_keeps_the_previous_checkpoint(data, tmp_path):
     """As in pretraining: a save that fails on one file (here a file-size limit, which fails writes like a full
     disk) is removed, `latest` keeps naming the previous one, the error names it, and the run resumes from it."""

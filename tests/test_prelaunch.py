@@ -187,3 +187,12 @@ def test_s3_shard_sets_are_checked_through_the_configured_endpoint(command, endp
     assert f"data.train_shards s3://{BUCKET}/nope does not exist" in err
     err = fails(command, argv(command, tmp_path, (s3[0], f"s3://{BUCKET}/holey"), f"data.s3_endpoint={endpoint}"), capsys)
     assert "data.val_shards" in err and "s-000001.tar" in err
+
+
+def test_export_of_a_run_without_a_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    from pretrain.export import main as export_main
+
+    assert export_main([str(tmp_path), str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("input error:") and str(tmp_path / "checkpoints") in err
+    assert not (tmp_path / "out.pt").exists()
