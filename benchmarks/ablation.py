@@ -69,7 +69,8 @@ def make_corpus(out: Path, videos: int, val: int, events: int, size: int) -> Non
 
 def train_variant(overrides: list[str], seed: int, steps: int) -> tuple[object, object, float]:
     """-> (trained model, config, training samples/s over the steps after the first 3). The training core's
-    loop (`pretrain.trainer.fit`) on its plain-PyTorch backend, in a run folder that is thrown away."""
+    loop (`pretrain.trainer.fit`) on its plain-PyTorch backend, without checkpoints, in a run folder that is
+    thrown away."""
     import tempfile
 
     import torch
@@ -82,7 +83,7 @@ def train_variant(overrides: list[str], seed: int, steps: int) -> tuple[object, 
 
     cfg = load_config(REPO / "benchmarks/configs/ablation.yaml",
                       [*overrides, f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
-                       f"train.warmup_steps={max(1, steps // 10)}", "train.log_every=1", f"train.save_every={steps}"])
+                       f"train.warmup_steps={max(1, steps // 10)}", "train.log_every=1", "train.save_every=0"])
     torch.manual_seed(seed)
     model = VideoTextModel(cfg.model)
     model.freeze(cfg.model.freeze)

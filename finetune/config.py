@@ -23,10 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pretrain.config import Config, check_value as _check, load_config
+from pretrain.config import Config, TrainConfig, check_value as _check, load_config
 from pretrain.model import LossConfig
 
 TaskName = Literal["retrieval", "qa_mc", "qa_open", "caption", "zeroshot"]
+# task.* keys read by some tasks only; the others reject them when set
+TASK_KEYS = {
+    **{key: ("retrieval", "zeroshot") for key in ("query", "query_words")},
+    "question_words": ("qa_mc", "qa_open"),
+    **{key: ("qa_mc",) for key in ("num_choices", "synthetic_qa")},
+    "answer_vocab_size": ("qa_open",),
+    **{key: ("caption",) for key in ("caption_words", "caption_min_count", "decoder_layers", "decoder_dim",
+                                     "decoder_heads", "use_depth", "beam_size")},
+}
 LOSS_KEYS_USED = ("temperature",)  # of model.loss.*, what finetuning reads (RetrievalHead's temperature)
 
 
@@ -95,9 +104,20 @@ class FinetuneConfig(Config):
 
     @classmethod
     def unused_keys(cls, data: dict) -> dict[str, str]:
-        return super().unused_keys(data) | {
+        out = super().unused_keys(data) | {
             f"model.loss.{f.name}": "of model.loss.* it reads only temperature, the retrieval head's"
             for f in dataclasses.fields(LossConfig) if f.name not in LOSS_KEYS_USED}
+        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        name = task.get("name", TaskConfig.name)
+        for key, tasks in TASK_KEYS.items():
+            if name not in tasks:
+                out[f"task.{key}"] = f"task {name} does not read it; {', '.join(tasks)} do"
+        if name == "zeroshot":  # evaluates a checkpoint: nothing trains
+            out |= {f"train.{f.name}": "the zeroshot task trains nothing" for f in dataclasses.fields(TrainConfig)
+                    if f.name != "seed"}
+            out |= {key: "the zeroshot task trains nothing" for key in
+                    ("data.train_shards", "task.head_lr", "task.eval_before", "task.train_labels")}
+        return out
 
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = (), task: str | None = None,

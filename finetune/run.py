@@ -72,7 +72,7 @@ def preflight(args) -> tuple[FinetuneConfig, Path]:
         check_inputs(cfg, ds, ["data.train_shards"] * train + ["data.val_shards"],
                      ["task.val_labels"] + ["task.train_labels"] * train, "--init" if args.init else "model.init_from")
 
-    return load_checked(args, FinetuneConfig, extra, inputs)
+    return load_checked(args, FinetuneConfig, extra, inputs, same_world_size=True)
 
 
 def main(argv=None) -> int:
@@ -91,7 +91,10 @@ def main(argv=None) -> int:
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
         clean_node()
-    finished = run(cfg, run_dir, args.resume, args.ds_config, Path(args.config).name)
+    from pretrain.trainer import StopSignal
+
+    with StopSignal() as stop:  # caught from here on (main may run inside a longer process: handlers restored)
+        finished = run(cfg, run_dir, args.resume, args.ds_config, Path(args.config).name, stop)
     return 0 if finished else RESUME_ME
 
 

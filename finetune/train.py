@@ -30,7 +30,7 @@ from pretrain.config import pretrained_config_path, resolve_path, save_config
 from pretrain.model import VideoTextModel
 from pretrain.ops import release_shm_names
 from pretrain.trainer import build_scheduler, fit, param_groups
-from pretrain.weights import load_weights
+from pretrain.weights import load_weights, new_modules
 
 log = logging.getLogger("finetune")
 
@@ -90,8 +90,7 @@ def build_model(cfg: FinetuneConfig, task: Task) -> TaskModel:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     backbone = VideoTextModel(cfg.model)
     if cfg.model.init_from:
-        new = ("fusion.",) if cfg.model.fusion_layers and not pretrained_fusion(cfg) else ()
-        load_weights(backbone, resolve_path(cfg.model.init_from), new, partial=cfg.model.init_partial)
+        load_weights(backbone, resolve_path(cfg.model.init_from), new_modules(cfg.model), partial=cfg.model.init_partial)
     else:
         log.warning("no --init / model.init_from: the backbone starts from its initialisation, not a pretrained model")
     backbone.freeze(cfg.model.freeze)
@@ -115,7 +114,7 @@ def build_optimizer(model: TaskModel, cfg: FinetuneConfig) -> torch.optim.Optimi
 
 
 def train(accelerator, model, optimizer, scheduler, task: Task, cfg: FinetuneConfig, run_dir: Path, resume: bool,
-          uses_ds: bool) -> bool:
+          uses_ds: bool, stop=None) -> bool:
     """Train to cfg.train.steps or until a stop signal / train.exit_interval; returns whether it finished."""
     backend = AccelerateBackend(accelerator, model, optimizer, scheduler, cfg.train.grad_clip, uses_ds)
     seed, rank = cfg.train.seed, dist_utils.rank()
@@ -125,7 +124,7 @@ def train(accelerator, model, optimizer, scheduler, task: Task, cfg: FinetuneCon
         return model(task.train_batch(batch, np.random.default_rng([seed, step, micro, rank])))
 
     _, finished = fit(backend, forward, cfg, run_dir, resume, f"finetune {cfg.task.name}",
-                      advice="Lower train.lr / task.head_lr or check the data.")
+                      advice="Lower train.lr / task.head_lr or check the data.", stop=stop)
     return finished
 
 
@@ -139,7 +138,8 @@ def evaluate(task: Task, model: TaskModel, name: str) -> dict:
     return result
 
 
-def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None, config_name: str) -> bool:
+def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None, config_name: str,
+        stop=None) -> bool:
     """Build, (evaluate before,) train, evaluate, report. Returns whether the run finished."""
     accelerator, uses_ds = build_accelerator(cfg, ds_config)
     if dist_utils.rank() == 0:
@@ -162,7 +162,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None,
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.train)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    finished = train(accelerator, model, optimizer, scheduler, task, cfg, run_dir, resume, uses_ds)
+    finished = train(accelerator, model, optimizer, scheduler, task, cfg, run_dir, resume, uses_ds, stop)
     if finished and cfg.train.eval_at_end:
         results["after"] = evaluate(task, accelerator.unwrap_model(model), "after finetuning")
         write_report(run_dir, cfg, task, results, config_name)

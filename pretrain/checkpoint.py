@@ -99,7 +99,8 @@ def save_checkpoint(backend, ckpt_dir: Path, state: TrainState, rank_state: dict
             info = {"tag": tag, **state.counters(), "world_size": state.world_size, "time": time.time(),
                     "data": [r["data"] for r in state.ranks], "files": sorted(os.listdir(ckpt_dir / tag))}
             (ckpt_dir / tag / "trainstate.json").write_text(json.dumps(info, indent=1, default=str))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+    except Exception as e:  # noqa: BLE001  (a full disk: OSError, or RuntimeError from torch.save); any
+        # failure must reach the collective below, or the other ranks would wait in it forever
         error = e
     if dist_utils.any_rank(error is not None):  # every rank's shards are on disk, or the save is void
         if dist_utils.rank() == 0:

@@ -64,7 +64,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (written into the DeepSpeed config); 0 disables
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
-    save_every: int = 100  # steps between checkpoints; the last step is always saved
+    save_every: int = 100  # steps between checkpoints; the last step is always saved (0: never save, for benchmarks)
     keep_last: int = 3  # the newest checkpoints kept on disk (older ones are deleted) ...
     keep_every: int = 0  # ... except every step that is a multiple of this (0: none)
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run with an error
@@ -87,7 +87,7 @@ class TrainConfig:
         check_value(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1")
         check_value(self.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)")
         check_value(self.log_every >= 1, "train.log_every", "an integer >= 1")
-        check_value(self.save_every >= 1, "train.save_every", "an integer >= 1")
+        check_value(self.save_every >= 0, "train.save_every", "an integer >= 0 (0: no checkpoints at all)")
         check_value(self.keep_last >= 1, "train.keep_last", "an integer >= 1")
         check_value(self.keep_every >= 0, "train.keep_every", "an integer >= 0")
         check_value(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")

@@ -63,16 +63,18 @@ def _get(cfg, dotted: str):
     return cfg
 
 
-def load_checked(args, cls: type, extra: Sequence = (), inputs: Callable[[Config], None] = lambda cfg: None):
+def load_checked(args, cls: type, extra: Sequence = (), inputs: Callable[[Config], None] = lambda cfg: None,
+                 same_world_size: bool = False):
     """The config (args.config + args.overrides + `extra`), its inputs checked by `inputs(cfg)`, and the run
-    folder, which must not hold another run's checkpoints without --resume -> (cfg, run_dir)."""
+    folder, which must not hold another run's checkpoints without --resume, nor (`same_world_size`) a checkpoint
+    written at another world size than the launcher's WORLD_SIZE -> (cfg, run_dir)."""
     config = resolve_path(args.config)
     with reported_as("config error"):
         require_file(config, "config file")
     cfg = load_config(config, [*args.overrides, *extra], cls)
     inputs(cfg)
     run_dir = Path(resolve_path(args.run_dir or f"runs/{Path(args.config).stem}"))
-    check_run_dir(run_dir, args.resume)
+    check_run_dir(run_dir, args.resume, int(os.environ.get("WORLD_SIZE", "1")) if same_world_size else None)
     return cfg, run_dir
 
 

@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     from pretrain.evaluate import evaluate_matching, evaluate_retrieval
     from pretrain.ops import clean_node, release_shm_names
     from pretrain.train import prepare_run_dir, train
+    from pretrain.trainer import StopSignal
+
+    stop = StopSignal().install()  # from here on a SIGUSR1 / SIGTERM stops the run at the next step boundary
 
     dist_utils.exit_with_launcher()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
         prepare_run_dir(cfg, run_dir)
     dist_utils.barrier()
     release_shm_names()  # every rank has mapped its peers' all-reduce buffers by now
-    engine, finished = train(cfg, run_dir, args.ds_config, args.resume)
+    engine, finished = train(cfg, run_dir, args.ds_config, args.resume, stop)
     if finished and cfg.train.eval_at_end:
         evaluate_retrieval(engine.module, cfg, run_dir)
         if cfg.model.loss.uses_fusion():

@@ -15,7 +15,7 @@ from pretrain.checkpoint import saved_world_size
 from pretrain.config import Config, resolve_path, save_config
 from pretrain.model import VideoTextModel
 from pretrain.trainer import build_scheduler, fit, param_groups, step_generator
-from pretrain.weights import load_weights
+from pretrain.weights import load_weights, new_modules
 
 log = logging.getLogger("pretrain")
 
@@ -32,16 +32,11 @@ def build_optimizer(model: VideoTextModel, cfg: Config, cpu_adam: bool = False) 
     return torch.optim.AdamW(params, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
-def new_modules(cfg: Config) -> tuple[str, ...]:
-    """Parameter prefixes the config creates that a checkpoint of an earlier stage need not hold."""
-    return ("fusion.",) if cfg.model.fusion_layers else ()
-
-
 def build_model(cfg: Config) -> VideoTextModel:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = VideoTextModel(cfg.model)
     if cfg.model.init_from:
-        load_weights(model, resolve_path(cfg.model.init_from), new_modules(cfg), partial=cfg.model.init_partial)
+        load_weights(model, resolve_path(cfg.model.init_from), new_modules(cfg.model), partial=cfg.model.init_partial)
     model.freeze(cfg.model.freeze)
     return model
 
@@ -60,7 +55,7 @@ def build_backend(cfg: Config, ds_config_path: str | None, resized: bool = False
     return DeepSpeedBackend(engine, scheduler)
 
 
-def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
+def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool, stop=None):
     """Train to cfg.train.steps, or until a stop signal / exit_interval; returns (engine, finished)."""
     saved_ws = saved_world_size(run_dir / "checkpoints") if resume else None
     backend = build_backend(cfg, ds_config_path, resized=saved_ws not in (None, dist_utils.world_size()))
@@ -69,7 +64,7 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool):
     def forward(batch, step, micro):
         return engine(batch, gather=dist_utils.gather_with_grad, generator=step_generator(seed, step))
 
-    _, finished = fit(backend, forward, cfg, run_dir, resume, "pretrain")
+    _, finished = fit(backend, forward, cfg, run_dir, resume, "pretrain", stop=stop)
     return engine, finished
 
 

@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from pretrain import distributed as dist_utils
-from pretrain.checkpoint import LATEST, TrainState, latest_tag, load_checkpoint, rank_seed, rng_state, save_checkpoint
+from pretrain.checkpoint import (TrainState, latest_tag, load_checkpoint, rank_seed, rng_state, save_checkpoint,
+                                 saved_world_size)
 from pretrain.config import REPO_ROOT, Config
 from shards.loader import build_train_loader
 
@@ -45,8 +46,9 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
+        if self.path.exists():  # a last line without its newline is a record a killed run was writing: dropped
+            text = self.path.read_text()
+            kept = [line for line in text[:text.rfind("\n") + 1].splitlines()
                     if line.strip() and json.loads(line)["step"] <= resumed_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step + 1 if resumed_step else None)
@@ -68,16 +70,20 @@ class MetricsLog:
 
 class StopSignal:
     """SIGUSR1 / SIGTERM (SLURM's warning before the time limit, preemption): finish the step, save, stop.
-    A context manager: the handlers in force before are put back on exit."""
+    `install()` for the rest of the process, or a context manager that puts the handlers in force before
+    back on exit."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self):
         self.received = None
 
-    def __enter__(self):
+    def install(self) -> "StopSignal":
         self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
+
+    def __enter__(self):
+        return self.install()
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -192,20 +198,37 @@ def sum_counts(dicts: list[dict]) -> dict:
 # ---- the loop --------------------------------------------------------------------------------------------
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Every rank, before the process group starts: never train a fresh run over another run's checkpoints."""
-    if (run_dir / "checkpoints" / LATEST).exists() and not resume:
+def check_run_dir(run_dir: Path, resume: bool, world_size: int | None = None) -> None:
+    """Before the process group starts: never train a fresh run over another run's checkpoints; a resume needs a
+    checkpoint that holds a TrainState and, when `world_size` is given (a backend that cannot change it), one
+    written at that world size. Raises SystemExit with the reason."""
+    ckpt_dir = run_dir / "checkpoints"
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return
+    if not resume:
         raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --run-dir")
+    if not (ckpt_dir / tag / "trainstate.pt").is_file():
+        raise SystemExit(f"{ckpt_dir / tag} holds no trainstate.pt (an older version of longvl wrote it), so it "
+                         f"cannot be resumed; start a new run from its weights with model.init_from={ckpt_dir}")
+    saved = saved_world_size(ckpt_dir)
+    if world_size is not None and saved != world_size:
+        raise SystemExit(f"{ckpt_dir / tag} was written by {saved} ranks and this run has {world_size}: "
+                         "finetuning resumes at the same world size")
 
 
 def fit(backend, forward: Callable, cfg: Config, run_dir: Path, resume: bool, desc: str,
-        advice: str = "Lower train.lr or check the data.") -> tuple[TrainState, bool]:
+        advice: str = "Lower train.lr or check the data.", stop: StopSignal | None = None) -> tuple[TrainState, bool]:
     """Train to cfg.train.steps, or until a stop signal / train.exit_interval -> (state, finished).
 
     `backend` steps the model and saves it (pretrain/backends.py); `forward(batch, step, micro)` returns
     the losses of one micro-batch, "loss" among them. Data come from cfg.data through the streaming
-    loader, positioned where the checkpoint left it."""
+    loader, positioned where the checkpoint left it. An entry point passes the `stop` it installed when
+    the process started (so a signal while the model is built, or during the evaluation after training,
+    is caught too); without one, handlers are installed for the loop alone."""
+    if stop is not None:
+        return _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop)
     with StopSignal() as stop:
         return _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop)
 
@@ -259,7 +282,7 @@ def _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop) -> tuple[Tr
                                        for k, v in record.items()))
             signalled = stop.any_rank()
             exiting = signalled or (t.exit_interval and state.step % t.exit_interval == 0)
-            if state.step % t.save_every == 0 or state.step == t.steps or exiting:
+            if t.save_every and (state.step % t.save_every == 0 or state.step == t.steps or exiting):
                 rank_state = {"rng": rng_state(), "data": loader.state_dict()}
                 tag = save_checkpoint(backend, ckpt_dir, state, rank_state, t.keep_last, t.keep_every)
                 if rank == 0:

@@ -93,6 +93,12 @@ def _listing(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what}: {', '.join(keys[:SHOWN])}{more}"
 
 
+def new_modules(model_cfg) -> tuple[str, ...]:
+    """Parameter prefixes a config creates that a checkpoint of an earlier stage need not hold (the stage-2
+    fusion stack); if the checkpoint has them, they must match like every other tensor."""
+    return ("fusion.",) if model_cfg.fusion_layers else ()
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, new_prefixes: Sequence[str] = (),
                  partial: bool = False) -> dict:
     """Load the weights source `path` into `model` (see the module's docstring for what is strict).

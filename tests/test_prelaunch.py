@@ -98,8 +98,20 @@ def test_the_val_set_is_not_required_when_pretraining_does_not_evaluate(tmp_path
                             "train.eval_at_end=false"))
 
 
-def test_zeroshot_does_not_require_a_train_set(tmp_path, splits):
-    passes("finetune", argv("finetune", tmp_path, splits, "--task", "zeroshot", f"data.train_shards={tmp_path / 'x'}"))
+def test_zeroshot_needs_no_train_set_and_rejects_one(tmp_path, splits, capsys):
+    """The zeroshot task evaluates a checkpoint: data.train_shards (and train.*) are not read, so setting them
+    is an error; without them it passes."""
+    args = ["--config", str(REPO / "finetune" / "configs" / "zeroshot.yaml"), "--run-dir", str(tmp_path / "run"),
+            f"data.val_shards={splits[1]}"]
+    passes("finetune", args)
+    err = fails("finetune", args + [f"data.train_shards={tmp_path / 'x'}"], capsys)
+    assert err.startswith("config error: unused config key data.train_shards: finetuning does not use it")
+    assert "unused config key train.lr" in fails("finetune", args + ["train.lr=0.1"], capsys)
+
+
+def test_task_keys_of_other_tasks_are_rejected(tmp_path, splits, capsys):
+    err = fails("finetune", argv("finetune", tmp_path, splits, "task.decoder_dim=32"), capsys)
+    assert "unused config key task.decoder_dim" in err and "task retrieval does not read it; caption do" in err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -139,12 +151,41 @@ def test_finetuning_rejects_loss_keys_it_does_not_use(tmp_path, splits, capsys):
     passes("finetune", argv("finetune", tmp_path, splits, "model.loss.temperature=0.07"))
 
 
+def checkpoint_at(run: Path, world_size: int, trainstate: bool = True) -> Path:
+    """A checkpoint folder as the training core leaves it, reduced to what the pre-launch check reads."""
+    tag = run / "checkpoints" / "global_step1"
+    tag.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("global_step1")
+    (tag / "trainstate.json").write_text(json.dumps({"step": 1, "world_size": world_size}))
+    if trainstate:
+        (tag / "trainstate.pt").write_bytes(b"")
+    return tag
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_run_folder_with_another_runs_checkpoints_needs_resume(command, tmp_path, splits, capsys):
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("global_step1")
+    checkpoint_at(tmp_path / "run", world_size=1)
     assert "--resume" in fails(command, argv(command, tmp_path, splits), capsys)
     passes(command, argv(command, tmp_path, splits, "--resume"))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_checkpoint_without_a_train_state_is_refused_before_launch(command, tmp_path, splits, capsys):
+    """An older version's checkpoint (no trainstate.pt) cannot be resumed: one line says how to use its weights."""
+    tag = checkpoint_at(tmp_path / "run", world_size=1, trainstate=False)
+    err = fails(command, argv(command, tmp_path, splits, "--resume"), capsys)
+    assert err.startswith(f"input error: {tag} holds no trainstate.pt") and "model.init_from=" in err
+
+
+def test_finetuning_resumes_only_at_the_world_size_that_saved(tmp_path, splits, capsys, monkeypatch):
+    """accelerate cannot reshard, so another world size is refused before launch; pretraining converts instead."""
+    checkpoint_at(tmp_path / "run", world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    err = fails("finetune", argv("finetune", tmp_path, splits, "--resume"), capsys)
+    assert "written by 2 ranks and this run has 1" in err
+    passes("pretrain", argv("pretrain", tmp_path, splits, "--resume"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    passes("finetune", argv("finetune", tmp_path, splits, "--resume"))
 
 
 # ---- s3:// through data.s3_endpoint ------------------------------------------------------------------

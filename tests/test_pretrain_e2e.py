@@ -137,7 +137,7 @@ def test_finetune_zero_shot_starts_from_the_deepspeed_checkpoint_folder(data, st
     caplog.set_level(logging.INFO, logger="pretrain")
     assert finetune_main(["--task", "zeroshot", "--config", str(REPO / "finetune" / "configs" / "zeroshot.yaml"),
                           "--init", str(stage1 / "checkpoints"), "--run-dir", str(run_dir), "task.query_words=12",
-                          *[t for t in TINY if t.startswith("data.")], *shards]) == 0
+                          *[t for t in TINY if t.startswith("data.")], shards[1]]) == 0  # val only
     got = json.loads((run_dir / "results.json").read_text())["results"]["zero_shot"]
     for direction in ("paragraph_to_video", "video_to_paragraph"):
         assert got[direction] == pytest.approx(expected[direction])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shards.transcode import store
-from shards.video import decode_at_times, probe, rgb_to_yuv420p
+from shards.video import decode_at_times, rgb_to_yuv420p
 
 H, W = 32, 48  # stored landscape
 
