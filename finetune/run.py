@@ -66,8 +66,8 @@ def preflight(args) -> tuple[FinetuneConfig, Path]:
 
     def inputs(cfg: FinetuneConfig) -> None:
         ds = deepspeed_json(cfg, args.ds_config)
-        if ds is not None:  # relative to the working directory, else to the repository, as build_accelerator finds it
-            ds = (os.path.abspath(ds[0]) if os.path.exists(ds[0]) else resolve_path(ds[0]), ds[1])
+        if ds is not None:
+            ds = (resolve_path(ds[0]), ds[1])
         train = cfg.task.name != "zeroshot"
         check_inputs(cfg, ds, ["data.train_shards"] * train + ["data.val_shards"],
                      ["task.val_labels"] + ["task.train_labels"] * train, "--init" if args.init else "model.init_from")

@@ -54,8 +54,7 @@ def build_accelerator(cfg: FinetuneConfig, ds_config: str | None):
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         precision = "bf16" if resolve_precision(cfg.train.precision) == "bf16" else "no"  # autocast, as DeepSpeed's bf16
         return Accelerator(cpu=not gpu, mixed_precision=precision, kwargs_handlers=[ddp], **common), False
-    if os.path.exists(ds_file):  # a path given relative to the working directory
-        ds_file = os.path.abspath(ds_file)
+    ds_file = resolve_path(ds_file)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)  # one process without a launcher

@@ -425,7 +425,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def resolve_path(p: str) -> str:
-    """Relative data and config paths resolve against the repository root; URLs stay as they are."""
+    """A relative path that exists from the working directory is taken from there (as the user typed it);
+    any other relative path resolves against the repository root (the configs' data/..., runs/..., ds_configs/...);
+    absolute paths and URLs stay as they are."""
     if "://" in p or Path(p).is_absolute():
         return p
-    return str(REPO_ROOT / p)
+    return str(Path(p).resolve()) if Path(p).exists() else str(REPO_ROOT / p)

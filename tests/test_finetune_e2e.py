@@ -257,6 +257,21 @@ def test_finetuning_keeps_every_nth_checkpoint_logs_skips_and_can_skip_the_final
     assert not (run_dir / "results.json").exists()  # no evaluation before (eval_before) or after (eval_at_end)
 
 
+def test_gradient_accumulation_steps_the_optimizer_and_schedule_once_per_step(data, tmp_path):
+    """accelerate backend, train.grad_accum=2: 3 steps are 3 optimizer steps (Adam's step count in the saved
+    optimizer state) and 3 LR-schedule steps, over 6 micro-batches (samples seen)."""
+    run_dir = tmp_path / "run"
+    assert main(args("anet_retrieval_debug.yaml", run_dir, data, "train.grad_accum=2", "train.steps=3",
+                     "task.eval_before=false", "train.eval_at_end=false")) == 0
+    rows = [json.loads(line) for line in complete_lines(run_dir / "metrics.jsonl")]
+    assert [(r["step"], r["samples_seen"]) for r in rows] == [(1, 8), (2, 16), (3, 24)]  # batch 4 x 2 micro-batches
+    ckpt = run_dir / "checkpoints" / "global_step3"
+    optim = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=False)
+    steps = {float(s["step"]) for s in optim["state"].values()}
+    assert steps == {3.0}
+    assert torch.load(ckpt / "scheduler.bin", map_location="cpu", weights_only=False)["last_epoch"] == 3
+
+
 def test_finetuning_without_deepspeed_honours_train_precision_bf16(data, tmp_path):
     """train.precision=bf16 on the plain-PyTorch path is accelerate's bf16 autocast, never ignored: the first
     loss (same weights, same batch) differs from fp32's by rounding only."""

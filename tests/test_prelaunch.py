@@ -237,3 +237,15 @@ def test_export_of_a_run_without_a_checkpoint_is_one_line_and_exit_2(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("input error:") and str(tmp_path / "checkpoints") in err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_relative_paths_are_taken_from_the_working_directory_when_they_exist_there(tmp_path, monkeypatch):
+    """A config and a DeepSpeed JSON given relative to where the user stands, outside the repository."""
+    from pretrain.config import REPO_ROOT, resolve_path
+
+    (tmp_path / "mine.json").write_text((REPO / "ds_configs" / "zero2.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("mine.json") == str(tmp_path / "mine.json")
+    assert resolve_path("ds_configs/zero1.json") == str(REPO_ROOT / "ds_configs" / "zero1.json")  # not here: the repo's
+    train, val = make_split(tmp_path / "d" / "train"), make_split(tmp_path / "d" / "val")
+    passes("pretrain", argv("pretrain", tmp_path, (train, val), "--ds-config", "mine.json"))
