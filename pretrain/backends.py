@@ -1,6 +1,6 @@
 """What a training backend differs in, behind one small interface the loop (`pretrain/trainer.py`) uses:
 
-    module                      the model being trained (unwrapped), for the zero-gradient stand-in loss
+    module                      the model being trained (its parameters feed the zero-gradient stand-in loss)
     micro_batch(last)           a context around one micro-batch's forward and backward
     backward(loss, last)        accumulate; on the last micro-batch, clip and step the optimizer and LR
     skip()                      drop a step whose only micro-batch had a non-finite loss

@@ -172,13 +172,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_s
 
 
 def param_groups(model: torch.nn.Module, lr_of: Callable[[str], float], weight_decay: float) -> list[dict]:
-    """AdamW groups: one per (learning rate, decayed or not); no weight decay on 1-D parameters."""
+    """AdamW groups: one per (learning rate, decayed or not); no weight decay on 1-D parameters. Groups come in
+    the order of their first parameter, so the first group (whose LR metrics.jsonl logs as `lr`) is that of
+    the model's first trainable parameter: the video encoder's, train.lr, unless it is frozen."""
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((lr_of(name), p.ndim > 1), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": weight_decay if decay else 0.0}
-            for (lr, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+            for (lr, decay), ps in groups.items()]
 
 
 def memory_gib() -> float:

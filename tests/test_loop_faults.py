@@ -137,3 +137,13 @@ def test_lr_schedule_warms_up_then_decays_by_cosine_or_by_steps(schedule, want):
         sched.step()
     for step, factor in want.items():
         assert got[step] == pytest.approx(factor), step
+
+
+def test_param_groups_split_by_lr_and_decay_in_the_order_of_their_first_parameter():
+    from pretrain.trainer import param_groups
+
+    m = torch.nn.ModuleDict({"video": torch.nn.Linear(3, 4), "text": torch.nn.Linear(4, 2)})
+    m["text"].bias.requires_grad_(False)
+    groups = param_groups(m, lambda name: 0.1 if name.startswith("text.") else 1.0, weight_decay=0.05)
+    got = [(g["lr"], g["weight_decay"], [p.shape for p in g["params"]]) for g in groups]
+    assert got == [(1.0, 0.05, [(4, 3)]), (1.0, 0.0, [(4,)]), (0.1, 0.05, [(2, 4)])]  # frozen bias left out

@@ -185,7 +185,7 @@ def assert_one_adamw_step_apart(run_dir: Path, before: dict, after: dict, weight
 
     with t = step, wd = train.weight_decay for matrices and 0 for 1-D parameters. lr is fitted per parameter
     (least squares, so the test does not depend on how the run orders its parameter groups) and must be one
-    rate for the text encoder and one for the rest, in the ratio train.text_lr : train.lr, one of them the
+    rate for the text encoder and one for the rest, in the ratio train.text_lr : train.lr, the latter the
     `lr` the run logged after step - 1 (the rate of step t; a wrong t would scale it). Parameters without
     moments (frozen) must not change. Moments reset to zero at the resume, or weights re-initialised, break
     these equations; the last assertions check that the data can tell (the check has teeth)."""
@@ -231,8 +231,7 @@ def assert_one_adamw_step_apart(run_dir: Path, before: dict, after: dict, weight
     assert lrs[True] == pytest.approx([text_lr] * len(lrs[True]), rel=1e-3), "the text encoder's rates differ"
     assert lrs[False] == pytest.approx([other_lr] * len(lrs[False]), rel=1e-3), "the other rates differ"
     assert text_lr / other_lr == pytest.approx(cfg["text_lr"] / cfg["lr"], rel=1e-3)
-    assert logged_lr == pytest.approx(text_lr, rel=1e-3) or logged_lr == pytest.approx(other_lr, rel=1e-3), \
-        (logged_lr, text_lr, other_lr)
+    assert logged_lr == pytest.approx(other_lr, rel=1e-3), (logged_lr, text_lr, other_lr)  # metrics log train.lr
     assert moved > 100 * 2e-7, f"step {step} hardly moved the weights ({moved}): the weight check has no teeth"
     assert moments_before > 0, f"all Adam moments are zero at step {step - 1}"
     assert not zero_moments_would_fit, f"the moments at step {step} also fit moments reset to zero"
@@ -258,7 +257,8 @@ def test_world_size_change_resumes_through_a_universal_checkpoint(data, referenc
                                 universal_states(to_universal(ckpt, "global_step3", tmp_path / "u3")),
                                 consolidated(ckpt, "global_step2"), consolidated(ckpt, "global_step3"), step=3)
 
-    out = launch(tmp_path, data, 8, "train.eval_at_end=false", *keep, resume=True)  # and back to 2
+    out = launch(tmp_path, data, 8, "train.exit_interval=5", "train.eval_at_end=false", *keep, resume=True,
+                 expect=3)  # and back to 2, for the one step the check needs
     assert re.search(r"written by 1 ranks into 2\b", out.stdout + out.stderr)
     assert (ckpt / "universal" / "latest_universal").read_text() == "global_step4"
     assert_one_adamw_step_apart(tmp_path, universal_states(ckpt / "universal" / "global_step4"),
@@ -266,7 +266,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint(data, referenc
                                 consolidated(ckpt, "global_step4"), consolidated(ckpt, "global_step5"), step=5)
 
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     ref = {r["step"]: r for r in metrics(reference)}
     for r in rows:  # the LR schedule continues from the step; the weights keep learning from the checkpoint
         assert r["lr"] == pytest.approx(ref[r["step"]]["lr"], rel=1e-6)
