@@ -267,7 +267,7 @@ def _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop) -> tuple[Tr
             state.samples_seen += global_batch
             step_time = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.3f}")
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)  # drawn at the bar's own pace
             if state.step % t.log_every == 0 or state.step == t.steps:
                 skipped = sum_counts(dist_utils.all_gather_objects(loader.skipped()))
                 if metrics is not None:
