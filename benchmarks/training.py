@@ -35,7 +35,7 @@ from pathlib import Path
 from common import REPO, default_out, describe, load, machine, markdown, write_json  # noqa: E402
 
 FULL = dict(videos=64, val_videos=4, steps=20, warmup=4, overrides=[])
-QUICK = dict(videos=16, val_videos=2, steps=4, warmup=1,
+QUICK = dict(videos=32, val_videos=2, steps=4, warmup=1,
              overrides=["model.video.preset=debug", "data.size=32", "data.frames_per_clip=2", "data.batch_size=2",
                         "model.text.sentence_layers=2"])
 RUNS = ["ddp", "zero1", "zero2", "zero3"]

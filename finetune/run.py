@@ -16,7 +16,6 @@ files) or "input error: ..." (--init / model.init_from; a run folder that holds 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from finetune.config import FinetuneConfig  # noqa: E402
 from pretrain.config import resolve_path  # noqa: E402
-from pretrain.prelaunch import check_inputs, load_checked, prelaunch  # noqa: E402
+from pretrain.prelaunch import check_inputs, load_checked, prelaunch, prepare_process  # noqa: E402
 
 RESUME_ME = 3
 TASK_NAMES = ("retrieval", "qa_mc", "qa_open", "caption", "zeroshot")
@@ -81,16 +80,8 @@ def main(argv=None) -> int:
     if failed:
         return failed
     cfg, run_dir = checked
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    prepare_process()
     from finetune.train import run
-    from pretrain.ops import clean_node
-
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
-        clean_node()
     from pretrain.trainer import StopSignal
 
     with StopSignal() as stop:  # caught from here on (main may run inside a longer process: handlers restored)

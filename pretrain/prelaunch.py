@@ -91,3 +91,19 @@ def prelaunch(check: Callable, args):
         text, kind = str(e.code), "input error"
     print(f"{kind}: {' '.join(text.split())}", file=sys.stderr)
     return None, BAD_INPUT
+
+
+def prepare_process() -> None:
+    """After the checks, in every rank: logging, this process's share of the node's cores as torch threads,
+    and (one process per node) the removal of what killed launches left behind (`pretrain.ops.clean_node`)."""
+    import logging
+
+    import torch
+
+    from pretrain.ops import clean_node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
+        clean_node()

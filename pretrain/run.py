@@ -12,15 +12,13 @@ folder that holds another run without --resume).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from pretrain.config import Config, resolve_path  # noqa: E402
-from pretrain.prelaunch import check_inputs, load_checked, prelaunch  # noqa: E402
+from pretrain.prelaunch import check_inputs, load_checked, prelaunch, prepare_process  # noqa: E402
 
 RESUME_ME = 3  # exit code: stopped early (signal or train.exit_interval) after saving; rerun with --resume
 
@@ -54,25 +52,18 @@ def main(argv=None) -> int:
     if failed:
         return failed
     cfg, run_dir = checked
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    import deepspeed
-
     from pretrain import distributed as dist_utils
-    from pretrain.evaluate import evaluate_matching, evaluate_retrieval
-    from pretrain.ops import clean_node, release_shm_names
-    from pretrain.train import prepare_run_dir, train
     from pretrain.trainer import StopSignal
 
     stop = StopSignal().install()  # from here on a SIGUSR1 / SIGTERM stops the run at the next step boundary
-
     dist_utils.exit_with_launcher()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one remover per node; the others only wait on locks
-        clean_node()
+    prepare_process()
+    import deepspeed
+
+    from pretrain.evaluate import evaluate_matching, evaluate_retrieval
+    from pretrain.ops import release_shm_names
+    from pretrain.train import prepare_run_dir, train
+
     deepspeed.init_distributed()
     if dist_utils.rank() == 0:
         prepare_run_dir(cfg, run_dir)
