@@ -80,14 +80,6 @@ def require_folder(path: str, what: str, storage: Storage | None = None) -> None
         raise MissingInput(f"{what} {path} is not readable")
 
 
-def require_path(path: str, what: str, storage: Storage | None = None) -> None:
-    """A file or a folder (e.g. a model that is either a checkpoint file or a saved folder)."""
-    if path and not is_url(path) and os.path.isdir(path):
-        require_folder(path, what, storage)
-    else:
-        require_file(path, what, storage)
-
-
 def require_shards(spec: str | list[str] | tuple[str, ...], root: str | None = None,
                    storage: Storage | None = None, what: str = "shard set") -> list[str]:
     """Expand a shard spec (a split folder or s3:// prefix with index.json, a brace pattern, a .tar, or a

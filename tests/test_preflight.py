@@ -6,7 +6,7 @@ import os
 import pytest
 
 from shards.format import write_tar
-from shards.preflight import MissingInput, require_file, require_folder, require_path, require_shards
+from shards.preflight import MissingInput, require_file, require_folder, require_shards
 from shards.storage import Storage
 
 
@@ -46,17 +46,13 @@ def test_require_file_unreadable(tmp_path):
         require_file(str(f), "manifest")
 
 
-def test_require_folder_and_path(tmp_path):
+def test_require_folder(tmp_path):
     with pytest.raises(MissingInput, match="video folder .* does not exist"):
         require_folder(str(tmp_path / "v"), "video folder")
     (tmp_path / "f").write_text("")
     with pytest.raises(MissingInput, match="is not a folder"):
         require_folder(str(tmp_path / "f"), "video folder")
     require_folder(str(tmp_path), "video folder")
-    require_path(str(tmp_path), "model")
-    require_path(str(tmp_path / "f"), "model")
-    with pytest.raises(MissingInput, match="does not exist"):
-        require_path(str(tmp_path / "g"), "model")
 
 
 def test_require_shards_local_specs(tmp_path):
