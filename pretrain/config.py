@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,26 +211,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(_restyle(str(e), prefix)) from None
-
-
-_SECTION_CLASS = re.compile(r"^[A-Z]\w*Config\.")  # "DataConfig.size must be ..." -> "size must be ..."
-_SENTENCE = re.compile(r"^(?P<key>[\w.\[\]/*]+?)(?:=(?P<got>\S+))? (?P<verb>must be|must|cannot) (?P<rest>.*?)"
-                       r"(?:, got (?P<got2>.*))?$")
-
-
-def _restyle(message: str, prefix: str) -> str:
-    """A section's own check ("model.text.sentence_layers must be >= 1", "DataConfig.size must be an
-    int >= 1, got 0") in the loader's style: "bad value for KEY: expected ... (got ...)"."""
-    message = " ".join(message.split()).replace("model.loss temperatures", "model.loss.*temperature")
-    m = _SENTENCE.match(_SECTION_CLASS.sub("", message))
-    if m is None:
-        return f"bad value in {prefix.rstrip('.') or 'the config'}: {message}"
-    key = m["key"] if m["key"].startswith(prefix) or not prefix else prefix + m["key"]
-    verb = {"must be": "", "must": "to ", "cannot": "it not to "}[m["verb"]]
-    got = m["got"] or m["got2"]
-    return f"bad value for {key}: expected {verb}{m['rest']}" + (f" (got {got})" if got else "")
+    except (ValueError, TypeError) as e:  # a section's own check, in the same style ("bad value for KEY: ...")
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def _coerce(tp, value, path: str):

@@ -43,9 +43,9 @@ class LossConfig:
     def __post_init__(self):
         weights = [self.vpc_weight, self.mtc_weight, self.ssl_weight, self.mlm_weight, self.vtm_weight]
         if min(weights) < 0 or max(weights) == 0:
-            raise ValueError("model.loss.*_weight must be >= 0 with at least one > 0")
+            raise ValueError("bad value for model.loss.*_weight: expected numbers >= 0, at least one > 0")
         if min(self.temperature, self.mtc_temperature, self.ssl_temperature) <= 0:
-            raise ValueError("model.loss temperatures must be > 0")
+            raise ValueError("bad value for model.loss.*temperature: expected numbers > 0")
 
     def uses_fusion(self) -> bool:
         return self.mlm_weight > 0 or self.vtm_weight > 0
@@ -63,7 +63,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.loss.uses_fusion() and self.fusion_layers < 1:
-            raise ValueError("model.fusion_layers must be >= 1 when model.loss.mlm_weight or vtm_weight > 0")
+            raise ValueError("bad value for model.fusion_layers: expected >= 1 when model.loss.mlm_weight or vtm_weight > 0")
 
 
 def _no_gather(x: torch.Tensor) -> torch.Tensor:

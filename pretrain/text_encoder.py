@@ -36,7 +36,7 @@ class TextEncoderConfig:
 
     def __post_init__(self):
         if self.sentence_layers < 1:
-            raise ValueError("model.text.sentence_layers must be >= 1")
+            raise ValueError("bad value for model.text.sentence_layers: expected an integer >= 1")
 
     def resolved_path(self) -> str:
         return self.path or default_text_model()
@@ -62,7 +62,7 @@ class HierarchicalTextEncoder(nn.Module):
             hf_logging.set_verbosity(verbosity)
         layers = bert.encoder.layer
         if not cfg.sentence_layers < len(layers):
-            raise ValueError(f"model.text.sentence_layers must be < the model's {len(layers)} layers")
+            raise ValueError(f"bad value for model.text.sentence_layers: expected fewer than the model's {len(layers)} layers")
         self.bert_config = bert.config
         tokenizer = AutoTokenizer.from_pretrained(cfg.resolved_path(), local_files_only=True)
         self.mask_token_id, self.special_ids = tokenizer.mask_token_id, list(tokenizer.all_special_ids)

@@ -57,27 +57,29 @@ class VideoEncoderConfig:
         lists = ("depths", "heads", "attention", "temporal_windows", "downsample", "merge_frames", "merge_patches")
         for name in lists:
             if len(getattr(self, name)) != n:
-                raise ValueError(f"model.video.{name} must have one entry per stage ({n}, like model.video.dims)")
+                raise ValueError(f"bad value for model.video.{name}: expected one entry per stage ({n}, like model.video.dims)")
         for i, (d, h) in enumerate(zip(self.dims, self.heads)):
             if d % h:
-                raise ValueError(f"model.video.dims[{i}]={d} must be divisible by model.video.heads[{i}]={h}")
+                raise ValueError(f"bad value for model.video.dims[{i}]: expected divisible by model.video.heads[{i}] = {h} "
+                                 f"(got {d})")
             if i + 1 < n and not self.downsample[i] and self.dims[i + 1] != d:
-                raise ValueError(f"model.video.dims[{i + 1}] must equal dims[{i}] unless downsample[{i}] is true")
+                raise ValueError(f"bad value for model.video.dims[{i + 1}]: expected dims[{i}] unless downsample[{i}] is true")
         frames_merged = patches_merged = False
         for i, kind in enumerate(self.attention):
             if (self.merge_frames[i] or self.merge_patches[i]) and kind != "divided":
-                raise ValueError(f"model.video.merge_frames/merge_patches[{i}]: TESTA merging needs "
-                                 f"attention 'divided' (stage {i} is '{kind}')")
+                raise ValueError(f"bad value for model.video.merge_frames/merge_patches[{i}]: expected 0, TESTA merging "
+                                 f"needs attention 'divided' (stage {i} is '{kind}')")
             if kind == "htwa" and (frames_merged or patches_merged):
-                raise ValueError(f"model.video.attention[{i}]='htwa' cannot follow TESTA merging")
+                raise ValueError(f"bad value for model.video.attention[{i}]: expected not 'htwa' after TESTA merging")
             if kind == "depth" and frames_merged:
-                raise ValueError(f"model.video.attention[{i}]='depth' cannot follow TESTA frame merging")
+                raise ValueError(f"bad value for model.video.attention[{i}]: expected not 'depth' after TESTA frame merging")
             frames_merged |= self.merge_frames[i] > 0
             patches_merged |= self.merge_patches[i] > 0
             if self.downsample[i] and patches_merged:
-                raise ValueError(f"model.video.downsample[{i}]: no 2x2 downsampling after TESTA patch merging")
+                raise ValueError(f"bad value for model.video.downsample[{i}]: expected false (no 2x2 downsampling after TESTA "
+                                 "patch merging)")
         if not 0 <= self.local_stage < n:
-            raise ValueError(f"model.video.local_stage must be in [0, {n - 1}]")
+            raise ValueError(f"bad value for model.video.local_stage: expected an integer in [0, {n - 1}]")
 
     def clip_stage(self) -> int | None:
         """The stage whose output gives clip features, or None when frames were merged by then."""

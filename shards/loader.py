@@ -78,16 +78,17 @@ class DataConfig:
         _check_int("seed", self.seed, low=0)
         for name in ("train_shards", "val_shards"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty path or brace pattern, got {getattr(self, name)!r}")
+                raise ValueError(f"bad value for data.{name}: expected a non-empty path or brace pattern "
+                                 f"(got {getattr(self, name)!r})")
         if self.clip_sampling not in ("sentences", "uniform", "window"):
-            raise ValueError(f"DataConfig.clip_sampling must be one of sentences, uniform, window, "
-                             f"got {self.clip_sampling!r}")
+            raise ValueError(f"bad value for data.clip_sampling: expected one of sentences, uniform, window "
+                             f"(got {self.clip_sampling!r})")
         if not self.clip_seconds > 0:
-            raise ValueError(f"DataConfig.clip_seconds must be > 0, got {self.clip_seconds!r}")
+            raise ValueError(f"bad value for data.clip_seconds: expected a number > 0 (got {self.clip_seconds!r})")
         if not 0 < self.crop_scale <= 1:
-            raise ValueError(f"DataConfig.crop_scale must be in (0, 1], got {self.crop_scale!r}")
+            raise ValueError(f"bad value for data.crop_scale: expected a number in (0, 1] (got {self.crop_scale!r})")
         if not 0 <= self.hflip <= 1:
-            raise ValueError(f"DataConfig.hflip must be in [0, 1], got {self.hflip!r}")
+            raise ValueError(f"bad value for data.hflip: expected a probability in [0, 1] (got {self.hflip!r})")
 
     @property
     def storage(self) -> Storage:
@@ -96,7 +97,7 @@ class DataConfig:
 
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"DataConfig.{name} must be an int >= {low}, got {value!r}")
+        raise ValueError(f"bad value for data.{name}: expected an integer >= {low} (got {value!r})")
 
 
 # ---- raw stages: tar members as bytes, never decoded ----------------------------------------

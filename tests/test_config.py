@@ -207,11 +207,11 @@ def test_init_partial_is_a_model_key_off_by_default_and_only_with_init_from():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.num_clips=0", r"bad value for data\.num_clips: expected an int >= 1 \(got 0\)"),
-    ("data.crop_scale=2", r"bad value for data\.crop_scale: expected in \(0, 1\]"),
-    ("model.video.heads=[3,4,4,4]", r"bad value for model\.video\.dims\[0\]: expected divisible"),
-    ("model.video.local_stage=9", r"bad value for model\.video\.local_stage: expected in \[0, 3\]"),
-    ("model.loss.temperature=0", r"bad value for model\.loss\.\*temperature: expected > 0"),
+    ("data.num_clips=0", r"bad value for data\.num_clips: expected an integer >= 1 \(got 0\)"),
+    ("data.crop_scale=2", r"bad value for data\.crop_scale: expected a number in \(0, 1\] \(got 2\.0\)"),
+    ("model.video.heads=[3,4,4,4]", r"bad value for model\.video\.dims\[0\]: expected divisible by model\.video\.heads\[0\] = 3 \(got 64\)"),
+    ("model.video.local_stage=9", r"bad value for model\.video\.local_stage: expected an integer in \[0, 3\]"),
+    ("model.loss.temperature=0", r"bad value for model\.loss\.\*temperature: expected numbers > 0"),
     ("model.video.preset=nope", r"bad value for model\.video\.preset: expected one of the known presets"),
     ("data=3", r"bad value for data: expected a mapping"),
     ("train", r"override 'train' is not of the form dotted.key=value"),
