@@ -1,5 +1,5 @@
 """Finetuning configuration: `FinetuneConfig` extends pretraining's `Config` (data, model, train) with a
-`task` section and the finetune schedule, and is loaded and saved by pretraining's one loader
+`task` section, and is loaded and saved by pretraining's one loader
 (`pretrain.config.load_config(path, overrides, FinetuneConfig)`, `save_config`).
 
 Precedence: dataclass defaults < the `base:` file(s) < the YAML file < the pretrained checkpoint's
@@ -20,10 +20,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
-from pretrain.config import Config, TrainConfig, check_value as _check, load_config
+from pretrain.config import Config, TrainConfig, check_value as _check
 from pretrain.model import LossConfig
 
 TaskName = Literal["retrieval", "qa_mc", "qa_open", "caption", "zeroshot"]
@@ -118,10 +117,3 @@ class FinetuneConfig(Config):
             out |= {key: "the zeroshot task trains nothing" for key in
                     ("data.train_shards", "task.head_lr", "task.eval_before", "task.train_labels")}
         return out
-
-
-def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = (), task: str | None = None,
-                         init: str | None = None) -> FinetuneConfig:
-    """pretrain.config.load_config for finetuning, with `--task` and `--init` as the last overrides."""
-    extra = ([("task.name", task)] if task is not None else []) + ([("model.init_from", init)] if init else [])
-    return load_config(path, [*overrides, *extra], FinetuneConfig)

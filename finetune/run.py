@@ -16,15 +16,16 @@ files) or "input error: ..." (--init / model.init_from; a run folder that holds 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from finetune.config import FinetuneConfig  # noqa: E402
+from finetune.train import deepspeed_json, run  # noqa: E402
 from pretrain.config import resolve_path  # noqa: E402
 from pretrain.prelaunch import check_inputs, load_checked, prelaunch, prepare_process  # noqa: E402
+from pretrain.trainer import StopSignal  # noqa: E402
 
 RESUME_ME = 3
 TASK_NAMES = ("retrieval", "qa_mc", "qa_open", "caption", "zeroshot")
@@ -43,18 +44,6 @@ def parse_args(argv=None):
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by some launchers
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
     return p.parse_intermixed_args(argv)  # options may come after the overrides
-
-
-def deepspeed_json(cfg: FinetuneConfig, ds_config: str | None) -> tuple[str, str] | None:
-    """(path, what) of the DeepSpeed JSON this run will use, or None when it trains without DeepSpeed:
-    --ds-config, else under `accelerate launch --use_deepspeed` its --deepspeed_config_file or train.ds_config."""
-    if ds_config:
-        return ds_config, "DeepSpeed config (--ds-config)"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            return os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], "DeepSpeed config (--deepspeed_config_file)"
-        return cfg.train.ds_config, "DeepSpeed config (train.ds_config)"
-    return None
 
 
 def preflight(args) -> tuple[FinetuneConfig, Path]:
@@ -81,9 +70,6 @@ def main(argv=None) -> int:
         return failed
     cfg, run_dir = checked
     prepare_process()
-    from finetune.train import run
-    from pretrain.trainer import StopSignal
-
     with StopSignal() as stop:  # caught from here on (main may run inside a longer process: handlers restored)
         finished = run(cfg, run_dir, args.resume, args.ds_config, Path(args.config).name, stop)
     return 0 if finished else RESUME_ME

@@ -38,30 +38,40 @@ log = logging.getLogger("finetune")
 # ---- wiring ---------------------------------------------------------------------------------------
 
 
+def deepspeed_json(cfg: FinetuneConfig, ds_config: str | None) -> tuple[str, str] | None:
+    """(path, what) of the DeepSpeed JSON this run will use, or None when it trains without DeepSpeed:
+    --ds-config, else under `accelerate launch --use_deepspeed` its --deepspeed_config_file or train.ds_config."""
+    if ds_config:
+        return ds_config, "DeepSpeed config (--ds-config)"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            return os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], "DeepSpeed config (--deepspeed_config_file)"
+        return cfg.train.ds_config, "DeepSpeed config (train.ds_config)"
+    return None
+
+
 def build_accelerator(cfg: FinetuneConfig, ds_config: str | None):
     """An Accelerator: with DeepSpeed when `ds_config` is given or `accelerate launch --use_deepspeed` set
     it up (ACCELERATE_DEEPSPEED_CONFIG_FILE), else plain PyTorch (DDP across processes)."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    ds_file = ds_config or (os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.train.ds_config
-                            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else None)
+    ds = deepspeed_json(cfg, ds_config)
     gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     common = {"step_scheduler_with_optimizer": False, "gradient_accumulation_steps": cfg.train.grad_accum}
-    if ds_file is None:  # plain PyTorch: on CPUs accelerate needs cpu=True for gloo DDP
+    if ds is None:  # plain PyTorch: on CPUs accelerate needs cpu=True for gloo DDP
         # a task uses only some of the backbone's heads (VPC: not the clip and sentence projections)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         precision = "bf16" if resolve_precision(cfg.train.precision) == "bf16" else "no"  # autocast, as DeepSpeed's bf16
         return Accelerator(cpu=not gpu, mixed_precision=precision, kwargs_handlers=[ddp], **common), False
-    ds_file = resolve_path(ds_file)
+    ds_file = resolve_path(ds[0])
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)  # one process without a launcher
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    ds = build_ds_config(cfg, world, ds_file)  # batch sizes, clipping, bf16 from the run config (checked)
-    plugin = DeepSpeedPlugin(hf_ds_config=ds)
+    plugin = DeepSpeedPlugin(hf_ds_config=build_ds_config(cfg, world, ds_file))  # batch sizes, clipping, bf16: checked
     # Without CUDA, accelerate picks no backend for DeepSpeed and would run every rank as rank 0 of 1.
     handlers = [] if gpu else [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **common), True

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import yaml
 
-from finetune.config import FinetuneConfig, load_finetune_config
+from finetune.config import FinetuneConfig
 from pretrain.backends import build_ds_config
 from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, pretrained_config_path, save_config
 
@@ -185,7 +185,7 @@ def test_finetuning_inherits_the_pretrained_architecture(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"")
     assert pretrained_config_path(tmp_path / "model.pt") == tmp_path / "model.yaml"
     recipe = REPO_ROOT / "finetune" / "configs" / "anet_retrieval_debug.yaml"
-    cfg = load_finetune_config(recipe, ["data.frames_per_clip=2"], init=str(tmp_path / "model.pt"))
+    cfg = load_config(recipe, ["data.frames_per_clip=2", ("model.init_from", str(tmp_path / "model.pt"))], FinetuneConfig)
     assert (cfg.model.video, cfg.model.text, cfg.model.embed_dim, cfg.model.fusion_layers) == \
         (pre.model.video, pre.model.text, 32, 1)
     assert cfg.model.init_from == str(tmp_path / "model.pt")

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import TASK_KEYS, load_finetune_config
+from finetune.config import TASK_KEYS, FinetuneConfig
 from finetune.run import main
-from test_pretrain_e2e import free_port, run_group
+from pretrain.config import load_config
+from test_pretrain_e2e import complete_lines, free_port, run_group
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "finetune" / "configs"
@@ -51,7 +52,7 @@ def shards(data: Path) -> list[str]:
 
 def tiny(config: str) -> list[str]:
     """TINY without the task.* keys the recipe's task does not read (those are config errors)."""
-    task = load_finetune_config(CONFIGS / config).task.name
+    task = load_config(CONFIGS / config, cls=FinetuneConfig).task.name
     return [t for t in TINY if not t.startswith("task.") or task in TASK_KEYS.get(t[5:].split("=")[0], (task,))]
 
 
@@ -63,12 +64,6 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def complete_lines(path: Path) -> list[str]:
-    """The lines of a file another process may be appending to, without a last one still being written."""
-    text = path.read_text()
-    return text[:text.rfind("\n") + 1].splitlines()
-
-
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, complete_lines(run_dir / "metrics.jsonl"))]
 
@@ -78,9 +73,9 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = load_finetune_config(path)
+    cfg = load_config(path, cls=FinetuneConfig)
     if path.stem.endswith("_debug"):
-        full = load_finetune_config(path.with_name(path.name.replace("_debug", "")))
+        full = load_config(path.with_name(path.name.replace("_debug", "")), cls=FinetuneConfig)
         assert cfg.task.name == full.task.name and cfg.data.train_shards.startswith("data/synth")
         assert cfg.train.steps < full.train.steps
 
@@ -100,7 +95,7 @@ def test_recipe_runs_end_to_end(config, data, tmp_path):
     after = out["results"]["after"]
     assert set(out["headline"]) == {"after"} and (run_dir / "results.txt").read_text().count("finetuned") >= 1
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step2" and (run_dir / "config.yaml").exists()
-    task = load_finetune_config(CONFIGS / config).task.name
+    task = load_config(CONFIGS / config, cls=FinetuneConfig).task.name
     if task == "retrieval":
         assert after["num_videos"] == 8 and (run_dir / "recall_at_k.png").stat().st_size > 1000
         assert len(after["recall_curve"]["paragraph_to_video"]) == 8
@@ -173,7 +168,7 @@ def test_zeroshot_task_matches_pretraining_evaluation(data, tmp_path):
     """Save a (random) model as `pretrain.export` does (OUT.pt + OUT.yaml); the zero-shot task, with
     its architecture taken from OUT.yaml, scores it as pretrain.evaluate does, and the "all sentences"
     query equals the clips' sentences when a video has exactly M sentences."""
-    from pretrain.config import load_config, save_config
+    from pretrain.config import save_config
     from pretrain.evaluate import evaluate_retrieval
     from pretrain.model import VideoTextModel
 
@@ -192,7 +187,7 @@ def test_zeroshot_task_matches_pretraining_evaluation(data, tmp_path):
     assert got["num_videos"] == expected["num_videos"] == 8
     for direction in ("paragraph_to_video", "video_to_paragraph"):
         assert got[direction] == pytest.approx(expected[direction])
-    saved = load_finetune_config(run_dir / "config.yaml")
+    saved = load_config(run_dir / "config.yaml", cls=FinetuneConfig)
     assert saved.model.video.dims == pre.model.video.dims and saved.model.embed_dim == 32
 
 

@@ -61,10 +61,18 @@ def launch(run_dir, data, steps, *extra, resume=False, config="demo.yaml", expec
     return proc
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a file another process may be appending to, without a last line still being written
+    (none while the file does not exist)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def metrics(run_dir):
     """The records of metrics.jsonl, without a last line that rank 0 may still be writing."""
-    text = (Path(run_dir) / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+    return [json.loads(line) for line in complete_lines(Path(run_dir) / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from test_pretrain_e2e import complete_lines
+
 REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "launchers" / "slurm"
 CLUSTER = SLURM / "local-cluster.sh"
@@ -60,14 +62,6 @@ def wait_for(what, check, timeout, every=0.5):
             return result
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def complete_lines(path: Path) -> list[str]:
-    """The lines of a file another process may be appending to, without a last line still being written."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return text[:text.rfind("\n") + 1].splitlines()
 
 
 # ---------------------------------------------------------------------------------------- no cluster --

@@ -1,7 +1,6 @@
 """The training system under the real `deepspeed` launcher on 2 CPU ranks: every ZeRO stage gives the
 same losses, a kill -9 resumes exactly, a world-size change resumes through a universal checkpoint,
 faults stop with clear errors, and the outputs load in plain PyTorch and TensorBoard."""
-import json
 import os
 import re
 import signal
@@ -44,13 +43,6 @@ def same_losses(a, b, steps, rel=1e-4):
     for step in steps:
         for key in ("loss", "vpc", "mtc", "lr"):
             assert by_step_b[step][key] == pytest.approx(by_step_a[step][key], rel=rel, abs=1e-6), (step, key)
-
-
-def complete_rows(run_dir):
-    """metrics.jsonl of a run that may still be writing it: only the lines already ended by a newline."""
-    path = Path(run_dir) / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 @pytest.mark.parametrize("ds", ["zero1.json", "zero3.json", "zero3_offload.json"])
@@ -114,7 +106,7 @@ def test_kill_minus_nine_then_resume_continues_exactly(victim, data, reference, 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
-    while not any(r["step"] >= 5 for r in complete_rows(tmp_path)):  # step 5 logged: past the checkpoint at step 4
+    while not any(r["step"] >= 5 for r in metrics(tmp_path)):  # step 5 logged: past the checkpoint at step 4
         if time.monotonic() > deadline or proc.poll() is not None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -191,7 +183,7 @@ def assert_one_adamw_step_apart(run_dir: Path, before: dict, after: dict, weight
     these equations; the last assertions check that the data can tell (the check has teeth)."""
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     b1, b2, eps = cfg["beta1"], cfg["beta2"], 1e-8
-    logged_lr = {r["step"]: r for r in complete_rows(run_dir)}[step - 1]["lr"]
+    logged_lr = {r["step"]: r for r in metrics(run_dir)}[step - 1]["lr"]
     assert sorted(before) == sorted(after)
     assert set(before) <= set(weights_before) and set(after) <= set(weights_after)
     lrs = {True: [], False: []}  # text encoder or not -> fitted rates
