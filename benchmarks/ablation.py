@@ -105,7 +105,7 @@ def gflops(cfg) -> float:
     from pretrain.flops import measure
 
     frames = cfg.data.num_clips * cfg.data.frames_per_clip
-    return measure(cfg.model.video, frames, (cfg.data.size, cfg.data.size), clips=cfg.data.num_clips)[0]
+    return measure(cfg.model.video, frames, cfg.data.hw, clips=cfg.data.num_clips)[0]
 
 
 def summarise(values: list) -> dict:

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
              "/".join(map(str, r["loadavg_before"]))] for k, r in results.items()]
     setting = (f"2 CPU ranks (gloo, 1 thread each), {cfg.model.video.preset} + MiniLM text encoder, "
                f"{cfg.data.batch_size} videos per rank (global batch {global_batch}) of {cfg.data.num_clips} clips x "
-               f"{cfg.data.frames_per_clip} frames at {cfg.data.size}x{cfg.data.size}, 1 loader worker per rank, "
+               f"{cfg.data.frames_per_clip} frames at {cfg.data.hw[0]}x{cfg.data.hw[1]}, 1 loader worker per rank, "
                f"{p['steps']} steps of which the first {p['warmup']} are not timed.")
     text = "\n".join([setting, "", markdown(["configuration", "median step s", "mean step s", "samples/s",
                                              "step time / DDP", "data-wait fraction", "load avg before"], rows),

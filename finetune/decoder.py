@@ -22,7 +22,7 @@ from pretrain.model import VideoTextModel
 
 
 class DepthTokens(nn.Module):
-    """Depth maps (B, T, S, S) in [0, 1] -> g*g tokens per frame (B, T*g*g, D), with a frame position."""
+    """Depth maps (B, T, height, width) in [0, 1] -> g*g tokens per frame (B, T*g*g, D), with a frame position."""
 
     def __init__(self, patch: int, dim: int, grid: int, max_frames: int):
         super().__init__()
@@ -33,8 +33,8 @@ class DepthTokens(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, depth: torch.Tensor) -> torch.Tensor:
-        B, T, S, _ = depth.shape
-        z = self.proj(depth.to(self.proj.weight.dtype).reshape(B * T, 1, S, S) * 2 - 1)  # (B*T, D, h, w)
+        B, T = depth.shape[:2]
+        z = self.proj(depth.to(self.proj.weight.dtype).flatten(0, 1)[:, None] * 2 - 1)  # (B*T, D, h, w)
         z = F.adaptive_avg_pool2d(z, self.grid).flatten(2).transpose(1, 2)  # (B*T, g*g, D)
         z = z.reshape(B, T, self.grid ** 2, -1) + self.frame_pos[:T, None]  # (B, T, g*g, D)
         return self.norm(z.flatten(1, 2))  # (B, T*g*g, D)

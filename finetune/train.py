@@ -27,6 +27,7 @@ from finetune.tasks import TASKS, Task
 from pretrain import distributed as dist_utils
 from pretrain.backends import AccelerateBackend, build_ds_config, resolve_precision
 from pretrain.config import pretrained_config_path, resolve_path, save_config
+from pretrain.image_init import init_from_image, save_report
 from pretrain.model import VideoTextModel
 from pretrain.ops import release_shm_names
 from pretrain.trainer import build_scheduler, fit, param_groups
@@ -95,12 +96,18 @@ def pretrained_fusion(cfg: FinetuneConfig) -> bool:
     return bool(path and (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("fusion_layers"))
 
 
-def build_model(cfg: FinetuneConfig, task: Task) -> TaskModel:
+def build_model(cfg: FinetuneConfig, task: Task, run_dir: Path | None = None) -> TaskModel:
+    """The task model; its backbone from model.init_from, or its video encoder from model.video.init_image
+    (the image mapping's report saved as RUN/image_init.json by rank 0)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     backbone = VideoTextModel(cfg.model)
+    if cfg.model.video.init_image:
+        report = init_from_image(backbone.video, resolve_path(cfg.model.video.init_image))
+        if run_dir is not None and dist_utils.rank() == 0:
+            save_report(report, run_dir / "image_init.json")
     if cfg.model.init_from:
         load_weights(backbone, resolve_path(cfg.model.init_from), new_modules(cfg.model), partial=cfg.model.init_partial)
-    else:
+    elif not cfg.model.video.init_image:
         log.warning("no --init / model.init_from: the backbone starts from its initialisation, not a pretrained model")
     backbone.freeze(cfg.model.freeze)
     return TaskModel(backbone, task.head(backbone), gather=dist_utils.gather_with_grad)
@@ -158,7 +165,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: bool, ds_config: str | None,
     release_shm_names()  # every rank has mapped its peers' all-reduce buffers by now
     task = TASKS[cfg.task.name](cfg, run_dir)
     task.device = accelerator.device
-    model = build_model(cfg, task).to(accelerator.device)  # prepare() would move it too, after the zero-shot pass
+    model = build_model(cfg, task, run_dir).to(accelerator.device)  # prepare() would move it too, after the zero-shot pass
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())["results"] if resume and results_path.exists() else {}
     if cfg.task.name == "zeroshot":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Literal
 
 import yaml
 
+from pretrain.image_init import ImageInitError, check_fit, family_keys, read_image_model
 from pretrain.model import ModelConfig
 from pretrain.video_encoder import PRESETS, preset_values
 from shards.loader import DataConfig
@@ -140,8 +142,9 @@ class Config:
         frames = d.num_clips * d.frames_per_clip
         check_value(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
                f"at most model.video.max_frames = {v.max_frames} (got {frames})")
-        check_value(d.size % v.patch_size == 0, "data.size",
-               f"a multiple of model.video.patch_size = {v.patch_size} (got {d.size})")
+        (h, w), p = d.hw, v.patch_size
+        check_value(h % p == 0 and w % p == 0, "data.size",
+               f"a height and width that are multiples of model.video.patch_size = {p} (got {h}x{w})")
         check_value(d.num_clips <= text.max_sentences, "data.num_clips",
                f"at most model.text.max_sentences = {text.max_sentences} (got {d.num_clips})")
         check_value(d.num_clips * d.max_words <= text.max_tokens, "data.num_clips * data.max_words",
@@ -149,26 +152,26 @@ class Config:
         check_value(-1 <= v.graph_threshold <= 1, "model.video.graph_threshold", "a cosine similarity in [-1, 1]")
         check_value(v.depth_window >= 0, "model.video.depth_window", "an integer >= 0 (frames either side)")
         check_value(v.depth_grid >= 1, "model.video.depth_grid", "an integer >= 1")
-        grid = d.size // v.patch_size
-        for i, kind in enumerate(v.attention):  # HTWA windows must tile the (frames, grid) each stage sees
-            tw, (sh, sw) = min(v.temporal_windows[i], frames), (min(n, grid) for n in v.spatial_window)
+        gh, gw = h // p, w // p  # the patch grid stage 0 sees
+        for i, kind in enumerate(v.attention):  # HTWA windows must tile the (frames, gh, gw) each stage sees
+            tw, sh, sw = min(v.temporal_windows[i], frames), min(v.spatial_window[0], gh), min(v.spatial_window[1], gw)
             if kind == "htwa":
-                check_value(min(tw, sh, sw) >= 1 and frames % tw == 0 and grid % sh == 0 and grid % sw == 0,
+                check_value(min(tw, sh, sw) >= 1 and frames % tw == 0 and gh % sh == 0 and gw % sw == 0,
                        f"model.video.temporal_windows[{i}] / spatial_window",
-                       f"windows that tile stage {i}'s input: {frames} frames and a {grid}x{grid} patch grid "
+                       f"windows that tile stage {i}'s input: {frames} frames and a {gh}x{gw} patch grid "
                        f"(got {v.temporal_windows[i]} frames, {v.spatial_window} patches)")
             if v.downsample[i]:
-                check_value(grid % 2 == 0, f"model.video.downsample[{i}]",
-                       f"false: stage {i}'s {grid}x{grid} patch grid is odd (data.size / patch_size, halved "
-                       f"per downsampling)")
-                grid //= 2
+                check_value(gh % 2 == 0 and gw % 2 == 0, f"model.video.downsample[{i}]",
+                       f"false: stage {i}'s {gh}x{gw} patch grid has an odd side (data.size / patch_size, "
+                       f"halved per downsampling)")
+                gh, gw = gh // 2, gw // 2
         if v.clip_features == "local":
             for i in range(v.local_stage + 1):
-                w = v.temporal_windows[i]
-                check_value(v.attention[i] == "htwa" and d.frames_per_clip % w == 0, "model.video.local_stage",
+                tw = v.temporal_windows[i]
+                check_value(v.attention[i] == "htwa" and d.frames_per_clip % tw == 0, "model.video.local_stage",
                        f"a stage up to which every stage is 'htwa' with a temporal window dividing "
                        f"data.frames_per_clip ({d.frames_per_clip}), so clip features never mix clips "
-                       f"(stage {i} is '{v.attention[i]}' with window {w}); or model.video.clip_features=final")
+                       f"(stage {i} is '{v.attention[i]}' with window {tw}); or model.video.clip_features=final")
 
     def check_losses(self) -> None:
         """Cross-field checks of pretraining's objectives."""
@@ -224,6 +227,14 @@ def _coerce(tp, value, path: str):
         if value not in allowed:
             raise ConfigError(f"bad value for {path}: expected one of {allowed}, got {value!r}")
         return value
+    if origin in (typing.Union, types.UnionType):  # e.g. int | list[int]: the first alternative that fits
+        for alternative in typing.get_args(tp):
+            try:
+                return _coerce(alternative, value, path)
+            except ConfigError:
+                pass
+        names = " or ".join(a.__name__ if isinstance(a, type) else str(a) for a in typing.get_args(tp))
+        raise ConfigError(f"bad value for {path}: expected {names}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -344,6 +355,8 @@ def inherit_architecture(data: dict, init: str | Path) -> Path | None:
     for key in ARCHITECTURE_KEYS:
         if key in saved:
             model[key] = saved[key]
+    if isinstance(model.get("video"), dict):  # its weights come from init_from, not from the image model again
+        model["video"].pop("init_image", None)
     if saved.get("fusion_layers"):
         model["fusion_layers"] = saved["fusion_layers"]
     return path
@@ -388,7 +401,33 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[Overr
     for keys, value in parsed:
         set_dotted(data, keys, value)
     _apply_preset(data)
-    return from_dict(cls, data)
+    _apply_image_family(data, given)
+    cfg = from_dict(cls, data)
+    if cfg.model.video.init_image:
+        try:
+            check_fit(cfg.model.video, read_image_model(resolve_path(cfg.model.video.init_image)))
+        except ImageInitError as e:
+            raise ConfigError(str(e)) from None
+    return cfg
+
+
+def _apply_image_family(data: dict, given: dict) -> None:
+    """model.video.init_image: the keys the image family fixes (pixel mean and std, [CLS], position table,
+    pre-norm, activation, LayerNorm epsilon) are set from its folder; a different value given is an error."""
+    video = data.get("model", {}).get("video") if isinstance(data.get("model"), dict) else None
+    folder = video.get("init_image") if isinstance(video, dict) else None
+    if not folder or not isinstance(folder, str):
+        return
+    try:
+        keys = family_keys(read_image_model(resolve_path(folder)))
+    except ImageInitError as e:
+        raise ConfigError(str(e)) from None
+    given_video = (given.get("model") or {}).get("video") or {}
+    for key, value in keys.items():
+        if key in given_video and given_video[key] != value:
+            raise ConfigError(f"bad value for model.video.{key}: the image model at model.video.init_image fixes it to "
+                              f"{value!r} (got {given_video[key]!r}); remove the key")
+        video[key] = value
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

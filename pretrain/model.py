@@ -8,7 +8,11 @@ STGT's self-similarity loss), stage 2 is MLM + VTM over a frozen stage-1 model (
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -66,16 +70,68 @@ class ModelConfig:
             raise ValueError("bad value for model.fusion_layers: expected >= 1 when model.loss.mlm_weight or vtm_weight > 0")
 
 
+# ---- an exported folder (`python -m pretrain.export`) -------------------------------------------------
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+# model.* keys of a run's config that say how its weights started, not what the model is: dropped on load
+RUN_ONLY_KEYS = ("init_from", "init_partial", "freeze")
+
+
+class PretrainedError(ValueError):
+    """An exported folder is missing, unreadable or does not match its model; str() is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def pretrained_config(folder: str | Path) -> ModelConfig:
+    """The ModelConfig in FOLDER/config.json (a run config's `model` section), with its run-only keys
+    dropped and model.text.path (relative: the folder's own text/) resolved against the folder."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"{folder} is not an exported model: {path} is not readable "
+                              f"({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("text", {}), dict):
+        raise PretrainedError(f"{path}: expected a mapping of model.* keys with a 'text' mapping")
+    data = {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+    text = dict(data.get("text", {}))
+    if text.get("path") and not Path(text["path"]).is_absolute():
+        text["path"] = str(Path(folder).resolve() / text["path"])
+    return config_from_dict(ModelConfig, {**data, "text": text}, f"{path}: model.")
+
+
+def config_from_dict(cls, data: dict, where: str):
+    """Dataclass `cls` from a nested dict of its fields (a dataclass field from a nested dict), whatever
+    fields `cls` has; an unknown key or a value its __post_init__ rejects is a PretrainedError naming it."""
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{where.rstrip('.')}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise PretrainedError(f"unknown key {where}{unknown[0]}; allowed keys here: {', '.join(names)}")
+    kwargs = {k: config_from_dict(hints[k], v, f"{where}{k}.") if dataclasses.is_dataclass(hints[k]) else v
+              for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise PretrainedError(f"{where.rstrip('.')}: {e}") from None
+
+
 def _no_gather(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
 class VideoTextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pretrained_text: bool = True):
+        """pretrained_text=False: the text encoder is built from its folder's config without reading its
+        weights (`from_pretrained`, which loads every trained tensor over it)."""
         super().__init__()
         self.cfg = cfg
         self.video = VideoEncoder(cfg.video)
-        self.text = HierarchicalTextEncoder(cfg.text)
+        self.text = HierarchicalTextEncoder(cfg.text, pretrained=pretrained_text)
         E, Dt = cfg.embed_dim, self.text.dim
         self.video_local = nn.Linear(self.video.clip_dim, E) if self.video.clip_dim else None
         self.video_global = nn.Linear(cfg.video.dims[-1], E)
@@ -83,6 +139,37 @@ class VideoTextModel(nn.Module):
         self.text_global = nn.Linear(Dt, E)
         self.fusion = (FusionEncoder(self.text.bert_config, cfg.video.dims[-1], cfg.fusion_layers, cfg.video.max_frames)
                        if cfg.fusion_layers else None)
+        if self.fusion is not None:  # LF-VILA: the text checkpoint's layers after the paragraph layers, in order
+            for layer, spare in zip(self.fusion.layers, self.text.spare_layers):
+                layer.load_state_dict(spare.state_dict())
+        self.text.spare_layers = []
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "VideoTextModel":
+        """The model in a folder written by `python -m pretrain.export` (model.safetensors, config.json,
+        text/), in eval mode, without unpickling anything. Every tensor of the model must be in
+        model.safetensors with its shape, and nothing else: otherwise PretrainedError naming the keys."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        model = cls(pretrained_config(folder), pretrained_text=False)
+        try:
+            state = load_file(folder / WEIGHTS_FILE)
+        except (OSError, SafetensorError) as e:
+            raise PretrainedError(f"{folder / WEIGHTS_FILE} is not readable ({type(e).__name__}: {e})") from None
+        own = model.state_dict()
+        problems = [f"{what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}" for what, keys in (
+            ("missing", [k for k in own if k not in state]),
+            ("unexpected", [k for k in state if k not in own]),
+            ("with another shape", [f"{k} {tuple(state[k].shape)} vs the model's {tuple(v.shape)}"
+                                    for k, v in own.items() if k in state and state[k].shape != v.shape]),
+        ) if keys]
+        if problems:
+            raise PretrainedError(f"{folder / WEIGHTS_FILE} does not match the model of {folder / CONFIG_FILE}: "
+                                  + "; ".join(problems))
+        model.load_state_dict(state, strict=True)
+        return model.eval()
 
     def freeze(self, prefixes: list[str]) -> None:
         for name, p in self.named_parameters():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, resolve_path
+from pretrain.image_init import ImageInitError, load_image
 from pretrain.trainer import check_run_dir
 from pretrain.weights import WeightsError, check_source
 from shards.preflight import MissingInput, require_file, require_shards
@@ -55,6 +56,23 @@ def check_inputs(cfg: Config, ds: tuple[str, str] | None, shard_sets: Sequence[s
             check_source(resolve_path(cfg.model.init_from))
         except WeightsError as e:
             raise MissingInput(f"{init_key}: {e}") from None
+    if cfg.model.video.init_image:
+        check_image(cfg)
+
+
+def check_image(cfg: Config) -> None:
+    """model.video.init_image maps onto the encoder: the whole mapping, from the checkpoint's shapes, on the
+    meta device (nothing allocated; a renamed or missing tensor is named here, before launch)."""
+    import torch
+
+    from pretrain.video_encoder import VideoEncoder
+
+    with torch.device("meta"):
+        encoder = VideoEncoder(cfg.model.video)
+    try:
+        load_image(encoder, resolve_path(cfg.model.video.init_image), dry_run=True)
+    except ImageInitError as e:
+        raise MissingInput(str(e)) from None
 
 
 def _get(cfg, dotted: str):

@@ -24,7 +24,10 @@ def default_text_model() -> str:
 @dataclass
 class TextEncoderConfig:
     path: str = ""  # a local BERT-family checkpoint folder; "" = the packaged all-MiniLM-L6-v2
-    sentence_layers: int = 4  # layers run per sentence; the rest run over the paragraph
+    sentence_layers: int = 4  # layers run per sentence; the next ones run over the paragraph
+    # layers over the paragraph, after the sentence layers; 0: all the rest. LF-VILA from BERT-large: 8 + 4,
+    # its layers 12-23 left for the stage-2 fusion stack (model.fusion_layers takes them in order)
+    paragraph_layers: int = 0
     max_sentences: int = 8  # size of the sentence-index embedding table
     max_tokens: int = 512  # size of the paragraph position table (>= M * L)
     freeze_embeddings: bool = False  # keep the pretrained word-embedding table fixed (less to sync per step)
@@ -37,6 +40,8 @@ class TextEncoderConfig:
     def __post_init__(self):
         if self.sentence_layers < 1:
             raise ValueError("bad value for model.text.sentence_layers: expected an integer >= 1")
+        if self.paragraph_layers < 0:
+            raise ValueError("bad value for model.text.paragraph_layers: expected an integer >= 0 (0: all the rest)")
 
     def resolved_path(self) -> str:
         return self.path or default_text_model()
@@ -47,29 +52,47 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def load_bert(path: str, weights: bool = True) -> nn.Module:
+    """The BERT-family model in folder `path`, without its pooler. weights=False: built from the folder's
+    config.json alone, randomly initialised, for a caller that loads trained weights over it
+    (`VideoTextModel.from_pretrained`); the folder then needs no weights file."""
+    from transformers import AutoConfig, AutoModel
+
+    from transformers.utils import logging as hf_logging
+
+    if not weights:
+        return AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True), add_pooling_layer=False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 class HierarchicalTextEncoder(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, pretrained: bool = True):
+        """pretrained=False: the BERT layers from the folder's config only (see `load_bert`)."""
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
-        try:
-            bert = AutoModel.from_pretrained(cfg.resolved_path(), local_files_only=True, add_pooling_layer=False)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        bert = load_bert(cfg.resolved_path(), pretrained)
         layers = bert.encoder.layer
         if not cfg.sentence_layers < len(layers):
             raise ValueError(f"bad value for model.text.sentence_layers: expected fewer than the model's {len(layers)} layers")
+        end = cfg.sentence_layers + cfg.paragraph_layers if cfg.paragraph_layers else len(layers)
+        if end > len(layers):
+            raise ValueError(f"bad value for model.text.paragraph_layers: expected at most {len(layers) - cfg.sentence_layers} "
+                             f"(the model's {len(layers)} layers minus sentence_layers) (got {cfg.paragraph_layers})")
         self.bert_config = bert.config
         tokenizer = AutoTokenizer.from_pretrained(cfg.resolved_path(), local_files_only=True)
         self.mask_token_id, self.special_ids = tokenizer.mask_token_id, list(tokenizer.all_special_ids)
         self.embeddings = bert.embeddings
         self.embeddings.word_embeddings.weight.requires_grad_(not cfg.freeze_embeddings)
         self.sentence_layers = nn.ModuleList(layers[: cfg.sentence_layers])
-        self.paragraph_layers = nn.ModuleList(layers[cfg.sentence_layers:])
+        self.paragraph_layers = nn.ModuleList(layers[cfg.sentence_layers:end])
+        # the checkpoint's layers after those, not part of this module: a fusion stack may start from them
+        self.spare_layers = list(layers[end:])
         D = bert.config.hidden_size
         self.dim = D
         self.pos = nn.Embedding(cfg.max_tokens, D)  # position over the concatenated paragraph

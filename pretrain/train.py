@@ -13,6 +13,7 @@ from pretrain import distributed as dist_utils
 from pretrain.backends import DeepSpeedBackend, build_ds_config, offloads_optimizer
 from pretrain.checkpoint import saved_world_size
 from pretrain.config import Config, resolve_path, save_config
+from pretrain.image_init import init_from_image, save_report
 from pretrain.model import VideoTextModel
 from pretrain.trainer import build_scheduler, fit, param_groups, step_generator
 from pretrain.weights import load_weights, new_modules
@@ -32,20 +33,29 @@ def build_optimizer(model: VideoTextModel, cfg: Config, cpu_adam: bool = False) 
     return torch.optim.AdamW(params, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
-def build_model(cfg: Config) -> VideoTextModel:
+def build_model(cfg: Config, resume: bool = False) -> VideoTextModel:
+    """The model with its starting weights: the video encoder from model.video.init_image (not when resuming:
+    the checkpoint has them), then model.init_from. The image mapping's report is `model.image_report`."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = VideoTextModel(cfg.model)
+    model.image_report = None
+    if cfg.model.video.init_image and not resume:
+        model.image_report = init_from_image(model.video, resolve_path(cfg.model.video.init_image))
     if cfg.model.init_from:
         load_weights(model, resolve_path(cfg.model.init_from), new_modules(cfg.model), partial=cfg.model.init_partial)
     model.freeze(cfg.model.freeze)
     return model
 
 
-def build_backend(cfg: Config, ds_config_path: str | None, resized: bool = False) -> DeepSpeedBackend:
-    """The model in a DeepSpeed engine; `resized`: it will load a checkpoint written at another world size."""
+def build_backend(cfg: Config, ds_config_path: str | None, resized: bool = False, resume: bool = False,
+                  run_dir: Path | None = None) -> DeepSpeedBackend:
+    """The model in a DeepSpeed engine; `resized`: it will load a checkpoint written at another world size.
+    Rank 0 saves the image mapping's report as RUN/image_init.json."""
     import deepspeed
 
-    model = build_model(cfg)
+    model = build_model(cfg, resume)
+    if model.image_report is not None and run_dir is not None and dist_utils.rank() == 0:
+        save_report(model.image_report, run_dir / "image_init.json")
     ds = build_ds_config(cfg, dist_utils.world_size(), ds_config_path)
     if resized:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
@@ -58,7 +68,8 @@ def build_backend(cfg: Config, ds_config_path: str | None, resized: bool = False
 def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool, stop=None):
     """Train to cfg.train.steps, or until a stop signal / exit_interval; returns (engine, finished)."""
     saved_ws = saved_world_size(run_dir / "checkpoints") if resume else None
-    backend = build_backend(cfg, ds_config_path, resized=saved_ws not in (None, dist_utils.world_size()))
+    backend = build_backend(cfg, ds_config_path, resized=saved_ws not in (None, dist_utils.world_size()),
+                            resume=resume and saved_ws is not None, run_dir=run_dir)
     engine, seed = backend.engine, cfg.train.seed
 
     def forward(batch, step, micro):

@@ -10,6 +10,9 @@ Per stage, `attention` picks the block (a plain dict, `BLOCKS`):
   graph    STGT's spatio-temporal graph attention
   depth    DAST's depth-aware sparse attention (RGB queries, depth keys in a +-w-frame band)
 `downsample[i]` merges 2x2 patches after stage i. Time is never pooled except by TESTA's merging.
+What an image model brings (`init_image`, pretrain/image_init.py) has its own keys: pixel mean and std,
+a [CLS] token, a learned spatial position table (interpolated to the input grid), a LayerNorm after the
+patch embedding, the MLP's activation and the LayerNorm epsilon.
 """
 from __future__ import annotations
 
@@ -51,6 +54,16 @@ class VideoEncoderConfig:
     # Pooling of a stage's tokens into clip and video features: "mean" over frames and patches, or
     # LF-VILA's "maxpool": a (2, 3) max-pool with stride 1 over each frame's patch grid first.
     pooling: Literal["mean", "maxpool"] = "mean"
+    # A local `transformers` image-model folder (Swin, ViT, CLIP, BLIP, BLIP-2 vision) the encoder starts from:
+    # pretrain/image_init.py inflates its weights, and sets the keys below to what the family has.
+    init_image: str = ""
+    pixel_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # frames: (x / 255 - mean) / std
+    pixel_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    cls_token: bool = False  # a learned [CLS] token (ViT families); needs no downsampling
+    pos_grid: list[int] = field(default_factory=list)  # (h, w) of a learned spatial position table; []: none
+    embed_norm: bool = False  # LayerNorm after the patch embedding (Swin's patch norm, CLIP's pre-norm)
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # the MLPs' (CLIP: quick_gelu)
+    norm_eps: float = 1e-5  # every LayerNorm's epsilon (ViT: 1e-12, BLIP-2: 1e-6)
 
     def __post_init__(self):
         n = len(self.dims)
@@ -80,6 +93,18 @@ class VideoEncoderConfig:
                                  "patch merging)")
         if not 0 <= self.local_stage < n:
             raise ValueError(f"bad value for model.video.local_stage: expected an integer in [0, {n - 1}]")
+        if self.cls_token and any(self.downsample):
+            raise ValueError("bad value for model.video.cls_token: expected false with downsampling (a [CLS] token "
+                             "has no place in a 2x2 patch merge)")
+        for key in ("pixel_mean", "pixel_std"):
+            values = getattr(self, key)
+            if len(values) != 3 or (key == "pixel_std" and min(values) <= 0):
+                raise ValueError(f"bad value for model.video.{key}: expected 3 numbers (R, G, B)"
+                                 f"{', each > 0' if key == 'pixel_std' else ''} (got {values})")
+        if self.pos_grid and (len(self.pos_grid) != 2 or min(self.pos_grid) < 1):
+            raise ValueError(f"bad value for model.video.pos_grid: expected [] or [h, w] (got {self.pos_grid})")
+        if self.norm_eps <= 0:
+            raise ValueError(f"bad value for model.video.norm_eps: expected a number > 0 (got {self.norm_eps})")
 
     def clip_stage(self) -> int | None:
         """The stage whose output gives clip features, or None when frames were merged by then."""
@@ -119,9 +144,10 @@ PRESETS: dict[str, dict] = {
                          merge_frames=[4], merge_patches=[8], clip_features="final", local_stage=0),
     "stgt_small": _stages(patch_size=8, dims=[64, 128], depths=[2, 1], heads=[2, 4], attention=["spatial", "graph"],
                           downsample=[True, False], graph_threshold=0.5, clip_features="final", local_stage=1),
-    # STGT: per-frame ViT-g/14 (39 blocks, 1408 wide), then one graph-transformer layer.
+    # STGT: per-frame EVA ViT-g/14 (39 blocks, 1408 wide, MLP 6144), then one graph-transformer layer.
     "stgt": _stages(patch_size=14, max_frames=128, dims=[1408, 1408], depths=[39, 1], heads=[16, 16],
-                    attention=["spatial", "graph"], graph_threshold=0.5, clip_features="final", local_stage=1),
+                    attention=["spatial", "graph"], graph_threshold=0.5, clip_features="final", local_stage=1,
+                    mlp_ratio=6144 / 1408),
     "dast_small": _stages(patch_size=8, dims=[64, 128, 128], depths=[1, 2, 1], heads=[2, 4, 4],
                           attention=["spatial", "depth", "divided"], downsample=[True, False, False],
                           depth_window=7, clip_features="final", local_stage=2),
@@ -143,13 +169,14 @@ def preset_values(name: str) -> dict:
 def build_block(cfg: VideoEncoderConfig, i: int, j: int, depth_dim: int) -> nn.Module:
     dim, heads, r = cfg.dims[i], cfg.heads[i], cfg.mlp_ratio
     window = (cfg.temporal_windows[i], *cfg.spatial_window)
+    style = dict(eps=cfg.norm_eps, act=cfg.activation)
     blocks = {
-        "htwa": lambda: HTWABlock(dim, heads, window, shift=j % 2 == 1, mlp_ratio=r),
-        "divided": lambda: DividedBlock(dim, heads, r, cfg.merge_frames[i], cfg.merge_patches[i]),
-        "spatial": lambda: SpatialBlock(dim, heads, r),
-        "full": lambda: FullBlock(dim, heads, r),
-        "graph": lambda: GraphBlock(dim, heads, cfg.graph_threshold, r),
-        "depth": lambda: DepthBlock(dim, depth_dim, heads, cfg.depth_window, r),
+        "htwa": lambda: HTWABlock(dim, heads, window, shift=j % 2 == 1, mlp_ratio=r, **style),
+        "divided": lambda: DividedBlock(dim, heads, r, cfg.merge_frames[i], cfg.merge_patches[i], **style),
+        "spatial": lambda: SpatialBlock(dim, heads, r, **style),
+        "full": lambda: FullBlock(dim, heads, r, **style),
+        "graph": lambda: GraphBlock(dim, heads, cfg.graph_threshold, r, **style),
+        "depth": lambda: DepthBlock(dim, depth_dim, heads, cfg.depth_window, r, **style),
     }
     return blocks[cfg.attention[i]]()
 
@@ -178,35 +205,59 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         p, dims = cfg.patch_size, cfg.dims
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1, 1), persistent=False)
         self.patch_embed = nn.Conv3d(3, dims[0], kernel_size=(1, p, p), stride=(1, p, p))
         self.time_pos = nn.Parameter(torch.zeros(cfg.max_frames, dims[0]))
         nn.init.trunc_normal_(self.time_pos, std=0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dims[0])) if cfg.cls_token else None
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, dims[0])) if cfg.cls_token and cfg.pos_grid else None
+        self.pos = nn.Parameter(torch.zeros(cfg.pos_grid[0] * cfg.pos_grid[1], dims[0])) if cfg.pos_grid else None
+        for param in (self.cls, self.pos):
+            if param is not None:
+                nn.init.trunc_normal_(param, std=0.02)
+        self.embed_norm = nn.LayerNorm(dims[0], eps=cfg.norm_eps) if cfg.embed_norm else None
         self.uses_depth = "depth" in cfg.attention
         self.depth_embed = DepthEmbed(p, dims[0], cfg.depth_grid) if self.uses_depth else None
         self.stages = nn.ModuleList()
         for i in range(len(dims)):
             blocks = [build_block(cfg, i, j, dims[0]) for j in range(cfg.depths[i])]
             if cfg.downsample[i]:
-                blocks.append(PatchMerging(dims[i], cfg.stage_out_dim(i)))
+                blocks.append(PatchMerging(dims[i], cfg.stage_out_dim(i), eps=cfg.norm_eps))
             self.stages.append(nn.Sequential(*blocks))
         self.clip_stage = cfg.clip_stage()
         self.clip_dim = cfg.stage_out_dim(self.clip_stage) if self.clip_stage is not None else None
-        self.clip_norm = nn.LayerNorm(self.clip_dim) if self.clip_dim else None
-        self.norm = nn.LayerNorm(dims[-1])
+        self.clip_norm = nn.LayerNorm(self.clip_dim, eps=cfg.norm_eps) if self.clip_dim else None
+        self.norm = nn.LayerNorm(dims[-1], eps=cfg.norm_eps)
 
     def embed(self, video: torch.Tensor, depth: torch.Tensor | None) -> Tokens:
         B, T, C, H, W = video.shape
         assert T <= self.cfg.max_frames, f"{T} frames exceed model.video.max_frames={self.cfg.max_frames}"
         dtype = self.patch_embed.weight.dtype  # fp32, or bf16 under DeepSpeed's bf16 mode
-        x = video.to(dtype).div(127.5).sub(1.0).transpose(1, 2)  # (B, 3, T, H, W) in [-1, 1]
-        x = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (B, T, h, w, D0)
+        x = (video.transpose(1, 2).float().div(255.0) - self.pixel_mean) / self.pixel_std  # (B, 3, T, H, W)
+        x = self.patch_embed(x.to(dtype)).permute(0, 2, 3, 4, 1)  # (B, T, h, w, D0)
         h, w = x.shape[2:4]
         x = x.flatten(2, 3) + self.time_pos[:T, None, :]  # (B, T, N, D0)
+        if self.pos is not None:
+            x = x + self.position_table(h, w)
+        cls = None
+        if self.cls is not None:
+            cls = self.cls.expand(B, 1, -1) + (self.cls_pos if self.cls_pos is not None else 0)  # (B, 1, D0)
+        if self.embed_norm is not None:
+            x, cls = self.embed_norm(x), None if cls is None else self.embed_norm(cls)
         z = None
         if self.uses_depth:
             assert depth is not None, "this encoder has depth attention: the batch needs 'depth' maps"
             z = self.depth_embed(depth)  # (B, T, Nd, D0)
-        return Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z)
+        return Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z, cls=cls)
+
+    def position_table(self, h: int, w: int) -> torch.Tensor:
+        """The spatial position table for an h x w grid (N, D0): bicubic from `pos_grid` when it differs."""
+        gh, gw = self.cfg.pos_grid
+        if (gh, gw) == (h, w):
+            return self.pos
+        table = self.pos.T.reshape(1, -1, gh, gw)  # (1, D0, gh, gw)
+        return F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False).reshape(-1, h * w).T
 
     def forward(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None,
                 return_frames: bool = False):

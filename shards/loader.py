@@ -24,7 +24,7 @@ Bad input (truncated tars, broken or empty MP4s, missing members, bad JSON, sent
 the video, too few sentences, a video shorter than the clips) is skipped and counted per reason;
 a worker whose whole epoch is unusable raises instead of spinning.
 
-Letters: B batch, M clips (sentences) per video, F frames per clip, T = M*F, S size, L tokens.
+Letters: B batch, M clips (sentences) per video, F frames per clip, T = M*F, h x w frame size, L tokens.
 """
 
 import functools
@@ -58,7 +58,9 @@ class DataConfig:
     val_shards: str = "data/synth/val"
     num_clips: int = 4  # M: clips per video
     frames_per_clip: int = 4  # F
-    size: int = 64  # S: frames are cropped square and resized to S x S
+    # h x w: an integer (a square, h = w) or [height, width], e.g. [192, 320]; frames are cropped to a box of
+    # that aspect ratio and resized to h x w (see `hw`)
+    size: int | list[int] = 64
     max_words: int = 16  # L: tokens per sentence, [CLS] and [SEP] included, padded
     batch_size: int = 8  # B, per rank
     num_workers: int = 1  # DataLoader worker processes per rank (0 = in the main process)
@@ -66,13 +68,18 @@ class DataConfig:
     seed: int = 0
     clip_sampling: Literal["sentences", "uniform", "window"] = "sentences"  # see shards/sampling.py
     clip_seconds: float = 2.0  # "window" sampling: seconds per clip
-    crop_scale: float = 1.0  # train: random resized crop keeps [crop_scale, 1] of the frame area; 1 = centre square
+    crop_scale: float = 1.0  # train: random resized crop keeps [crop_scale, 1] of the frame area; 1 = the centre crop
     hflip: float = 0.0  # train: probability of a left-right flip (sentences get left <-> right swapped)
     s3_endpoint: str = ""  # S3-compatible endpoint URL for s3:// shards; "" = AWS_ENDPOINT_URL[_S3] or AWS
 
     def __post_init__(self):
-        for name in ("num_clips", "frames_per_clip", "size", "batch_size", "shuffle_buffer"):
+        for name in ("num_clips", "frames_per_clip", "batch_size", "shuffle_buffer"):
             _check_int(name, getattr(self, name), low=1)
+        size = list(self.size) if isinstance(self.size, (list, tuple)) else self.size  # a list: YAML reads it back
+        if not (_is_int(size, 1) or isinstance(size, list) and len(size) == 2 and all(_is_int(n, 1) for n in size)):
+            raise ValueError(f"bad value for data.size: expected an integer >= 1 (a square) or [height, width] "
+                             f"with both >= 1 (got {self.size!r})")
+        self.size = size
         _check_int("max_words", self.max_words, low=3)  # [CLS], one token, [SEP]
         _check_int("num_workers", self.num_workers, low=0)
         _check_int("seed", self.seed, low=0)
@@ -91,12 +98,21 @@ class DataConfig:
             raise ValueError(f"bad value for data.hflip: expected a probability in [0, 1] (got {self.hflip!r})")
 
     @property
+    def hw(self) -> tuple[int, int]:
+        """(h, w): the frame size every sample is resized to."""
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+    @property
     def storage(self) -> Storage:
         return Storage(self.s3_endpoint)
 
 
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not _is_int(value, low):
         raise ValueError(f"bad value for data.{name}: expected an integer >= {low} (got {value!r})")
 
 
@@ -252,7 +268,7 @@ def load_depth(data: bytes, times: np.ndarray, fps: float) -> torch.Tensor:
 def decode_sample(raw: dict, cfg: DataConfig, tokenizer_path: str, rng: np.random.Generator | None) -> dict:
     """Raw members -> {"key", "meta", "video", "input_ids", "attention_mask"[, "depth"]}; raises Skip.
     "meta" is the sample's parsed KEY.json (task fields such as QA ride there).
-    rng None = eval: first clips, centre frames, centre square, no flip."""
+    rng None = eval: first clips, centre frames, centre crop, no flip."""
     if "__error__" in raw:
         raise Skip(raw["__error__"], raw.get("__detail__", ""))
     for ext in ("json", "mp4"):
@@ -263,13 +279,14 @@ def decode_sample(raw: dict, cfg: DataConfig, tokenizer_path: str, rng: np.rando
                       cfg.frames_per_clip, cfg.clip_seconds, rng)  # times (T,), texts (M,)
     video = load_video(raw["mp4"], plan.times)  # (T, 3, H, W)
     H, W = video.shape[-2:]
-    box = transforms.centre_square(H, W) if rng is None else transforms.random_crop(H, W, rng, cfg.crop_scale)
+    hw = cfg.hw
+    box = transforms.centre_crop(H, W, hw) if rng is None else transforms.random_crop(H, W, rng, cfg.crop_scale, hw)
     flip = rng is not None and cfg.hflip > 0 and bool(rng.random() < cfg.hflip)
     texts = [transforms.mirror_text(t) for t in plan.texts] if flip else plan.texts
-    sample = {"key": raw["__key__"], "meta": meta, "video": transforms.crop_resize(video, box, cfg.size)}  # (T, 3, S, S)
+    sample = {"key": raw["__key__"], "meta": meta, "video": transforms.crop_resize(video, box, hw)}  # (T, 3, h, w)
     if "depth.npz" in raw:
         depth = load_depth(raw["depth.npz"], plan.times, meta["fps"])  # (T, 1, h, w)
-        sample["depth"] = transforms.crop_resize(depth, box, cfg.size)[:, 0].half()  # (T, S, S)
+        sample["depth"] = transforms.crop_resize(depth, box, hw)[:, 0].half()  # (T, h, w)
     if flip:
         sample = {k: v.flip(-1) if k in ("video", "depth") else v for k, v in sample.items()}
     tokens = get_tokenizer(tokenizer_path)(texts, padding="max_length", truncation=True, max_length=cfg.max_words,
@@ -309,14 +326,14 @@ def _check_epoch(epoch, good: int, whole_epoch: bool, skips: SkipCounter, where:
 
 def collate(samples: list[dict]) -> dict:
     batch = {
-        "video": torch.stack([s["video"] for s in samples]),  # (B, T, 3, S, S) uint8
+        "video": torch.stack([s["video"] for s in samples]),  # (B, T, 3, h, w) uint8
         "input_ids": torch.stack([s["input_ids"] for s in samples]),  # (B, M, L)
         "attention_mask": torch.stack([s["attention_mask"] for s in samples]),  # (B, M, L)
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],  # parsed KEY.json of each sample
     }
     if all("depth" in s for s in samples):
-        batch["depth"] = torch.stack([s["depth"] for s in samples])  # (B, T, S, S) float16
+        batch["depth"] = torch.stack([s["depth"] for s in samples])  # (B, T, h, w) float16
     return batch
 
 

@@ -24,9 +24,9 @@ LAYERS: dict[str, int] = {
     **{f"pretrain.{m}": 1 for m in ("attention", "blocks", "htwa", "token_merging", "video_encoder",
                                     "text_encoder", "fusion", "losses", "model", "flops")},
     **{f"pretrain.{m}": 2 for m in ("distributed", "ops", "config", "checkpoint", "trainer", "backends",
-                                    "weights", "prelaunch")},
+                                    "weights", "prelaunch", "image_init")},
     **{f"pretrain.{m}": 3 for m in ("metrics", "evaluate")},
-    **{f"pretrain.{m}": 4 for m in ("train", "run", "export")},
+    **{f"pretrain.{m}": 4 for m in ("train", "run", "export", "embed")},
     "finetune": 4, "finetune.*": 4,
     "benchmarks.*": 5,
 }

