@@ -55,6 +55,7 @@ def attend_per_frame(attn: MultiHeadAttention, y: torch.Tensor, c: torch.Tensor 
     out, keys = attn(seq)
     if c is None:
         return out.view(B, T, N, D), None, keys
+    # a plain mean over the frames there are (after TESTA frame merging: not weighted by what each stands for)
     return out[:, 1:].reshape(B, T, N, D), out[:, 0].view(B, T, D).mean(1, keepdim=True), keys[:, 1:]
 
 

@@ -118,8 +118,11 @@ def read_image_model(folder: str | Path) -> ImageModel:
                 "blip": dict(hidden_act="gelu", layer_norm_eps=1e-5, image_size=384, patch_size=16),
                 "blip2": dict(hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14, qkv_bias=True)}
     vision = {**defaults.get(family, {}), **vision}  # a nested config saved with defaults left out
-    pre = folder / "preprocessor_config.json"
-    preprocessor = json.loads(pre.read_text()) if pre.is_file() else {}
+    preprocessor = {}  # the image processor's settings: its own file, or (transformers 5) inside the processor's
+    if (folder / "preprocessor_config.json").is_file():
+        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    elif (folder / "processor_config.json").is_file():
+        preprocessor = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
     if family == "swin" and vision.get("use_absolute_embeddings"):
         raise ImageInitError(f"model.video.init_image: {folder} is a Swin with absolute position embeddings, "
                              "which the htwa encoder does not have")
@@ -144,6 +147,10 @@ def family_keys(img: ImageModel) -> dict:
 def check_fit(video, img: ImageModel) -> None:
     """The encoder config `video` (VideoEncoderConfig) can take the image model's weights: ImageInitError if not."""
     where = f"model.video.init_image ({img.family} at {img.folder})"
+    for key, value in family_keys(img).items():
+        if getattr(video, key) != value:
+            raise ImageInitError(f"bad value for model.video.{key}: expected {value!r}, what {where} has "
+                                 f"(got {getattr(video, key)!r})")
     if video.patch_size % img.config["patch_size"]:
         raise ImageInitError(f"bad value for model.video.patch_size: expected a multiple of the image model's patch "
                              f"size {img.config['patch_size']} for {where} (got {video.patch_size})")
@@ -187,47 +194,49 @@ def image_blocks(img: ImageModel) -> list[tuple[int, int]]:
 # ---- the weights side ------------------------------------------------------------------------
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index lists (sharded), or the one weights file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ImageInitError(f"model.video.init_image: {folder / index} is not a readable index ({e})") from None
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise ImageInitError(f"model.video.init_image: {folder} has no weights (model.safetensors, pytorch_model.bin or "
+                         "a sharded index of them)")
+
+
 def read_tensors(img: ImageModel, meta: bool = False) -> dict[str, torch.Tensor]:
-    """The vision tensors, prefix stripped ("swin.", "vit.", "vision_model.", ... before `embeddings.`);
-    `meta`: their shapes only (tensors on the meta device; nothing is read but the headers)."""
-    folder = img.folder
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise ImageInitError(f"model.video.init_image: {folder} has no weights (model.safetensors or pytorch_model.bin)")
+    """The vision tensors, prefix stripped ("swin.", "vit.", "vision_model.", ... before `embeddings.`: one prefix
+    for the whole checkpoint, found from the patch embedding's key over all its files); `meta`: their shapes
+    only (tensors on the meta device; nothing is read but the headers)."""
     patch = PATCH_KEY[img.family]
-    out: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
+    opened = []  # (path, keys, get(key) -> tensor)
+    try:
+        for path in weight_files(img.folder):
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                with safe_open(str(path), framework="pt") as f:
-                    keys = list(f.keys())
-                    prefix = _prefix(keys, patch)
-                    get = (lambda k: torch.empty(f.get_slice(k).get_shape(), device="meta")) if meta else f.get_tensor
-                    out.update({k[len(prefix):]: get(k) for k in keys if prefix is not None and k.startswith(prefix)})
+                f = safe_open(str(path), framework="pt")
+                get = (lambda k, f=f: torch.empty(f.get_slice(k).get_shape(), device="meta")) if meta else f.get_tensor
+                opened.append((path, list(f.keys()), get))
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                prefix = _prefix(list(state), patch)
-                out.update({k[len(prefix):]: v.to("meta") if meta else v for k, v in state.items()
-                            if prefix is not None and k.startswith(prefix)})
-        except ImageInitError:
-            raise
-        except Exception as e:  # a truncated or foreign file
-            raise ImageInitError(f"model.video.init_image: {path} is not readable ({type(e).__name__}: {e})") from None
-    if patch not in out:
-        raise ImageInitError(f"model.video.init_image: {folder} holds no {patch} (under any prefix): not the "
-                             f"{img.family} weights its config.json describes")
-    return out
-
-
-def _prefix(keys: list[str], patch: str) -> str | None:
-    """The prefix the vision tensors have in this file, or None if it holds none (another shard may)."""
-    found = {k[: -len(patch)] for k in keys if k.endswith(patch)}
+                opened.append((path, list(state), lambda k, state=state: state[k].to("meta") if meta else state[k]))
+    except ImageInitError:
+        raise
+    except Exception as e:  # a missing shard, a truncated or foreign file
+        raise ImageInitError(f"model.video.init_image: {path} is not readable ({type(e).__name__}: {e})") from None
+    found = {k[: -len(patch)] for _, keys, _ in opened for k in keys if k.endswith(patch)}
     if not found:
-        prefixes = {k.split("embeddings.")[0] for k in keys if "embeddings." in k}
-        return min(prefixes, key=len) if len(prefixes) == 1 else None
-    return min(found, key=len)
+        raise ImageInitError(f"model.video.init_image: {img.folder} holds no {patch} (under any prefix): not the "
+                             f"{img.family} weights its config.json describes")
+    prefix = min(found, key=len)
+    return {k[len(prefix):]: get(k) for _, keys, get in opened for k in keys if k.startswith(prefix)}
 
 
 # A source: the checkpoint keys read, and how to make the target tensor from them (and the target's shape).
@@ -289,6 +298,8 @@ class Plan:
         self.values: dict[str, torch.Tensor] = {}
 
     def load(self, target: str, keys: list[str], make: Make = _take) -> None:
+        if not keys:  # the image model has no such tensor by its config (no query/key/value bias)
+            return self.new(target, "the image model has none (its config says so): zero", zero=True)
         absent = [k for k in keys if k not in self.tensors]
         if absent:
             self.missing += absent
@@ -342,6 +353,8 @@ def _vit_block(img: ImageModel, tensors: dict, k: int) -> dict[str, tuple[list[s
     spec["qkv.weight"] = (qkv[0], _cat)
     if fam == "blip2" and qkv[1][0] not in tensors and a + "q_bias" in tensors:  # EVA: q and v biases, no k bias
         spec["qkv.bias"] = ([a + "q_bias", a + "v_bias"], lambda s, shape: torch.cat([s[0], torch.zeros_like(s[0]), s[1]]))
+    elif not img.config.get("qkv_bias", True):
+        spec["qkv.bias"] = ([], lambda s, shape: torch.zeros(shape))  # no query/key/value bias: zero
     else:
         spec["qkv.bias"] = (qkv[1], _cat)
     return spec
@@ -434,7 +447,7 @@ def load_image(encoder, folder: str | Path, dry_run: bool = False) -> Report:
             if i == slots[0][0] and j == 0 and tuple(cfg.spatial_window) != (w2, w2):
                 report.departures.append(f"relative-position bias tables resized (bicubic) from the image model's "
                                          f"{w2}x{w2} window to {cfg.spatial_window[0]}x{cfg.spatial_window[1]}")
-            if (k % 2 == 1) != (j % 2 == 1) and cfg.depths[i] > 1:
+            if (k % 2 == 1) != (j % 2 == 1):
                 report.departures.append(f"stages.{i}.{j}: Swin block {s}.{k} is {'' if k % 2 else 'not '}shifted, the "
                                          "video block is the other way")
         else:

@@ -205,8 +205,6 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         p, dims = cfg.patch_size, cfg.dims
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1, 1), persistent=False)
         self.patch_embed = nn.Conv3d(3, dims[0], kernel_size=(1, p, p), stride=(1, p, p))
         self.time_pos = nn.Parameter(torch.zeros(cfg.max_frames, dims[0]))
         nn.init.trunc_normal_(self.time_pos, std=0.02)
@@ -234,7 +232,8 @@ class VideoEncoder(nn.Module):
         B, T, C, H, W = video.shape
         assert T <= self.cfg.max_frames, f"{T} frames exceed model.video.max_frames={self.cfg.max_frames}"
         dtype = self.patch_embed.weight.dtype  # fp32, or bf16 under DeepSpeed's bf16 mode
-        x = (video.transpose(1, 2).float().div(255.0) - self.pixel_mean) / self.pixel_std  # (B, 3, T, H, W)
+        mean, std = (torch.tensor(v, device=video.device).view(3, 1, 1, 1) for v in (self.cfg.pixel_mean, self.cfg.pixel_std))
+        x = (video.transpose(1, 2).float().div(255.0) - mean) / std  # (B, 3, T, H, W), in fp32 even under bf16
         x = self.patch_embed(x.to(dtype)).permute(0, 2, 3, 4, 1)  # (B, T, h, w, D0)
         h, w = x.shape[2:4]
         x = x.flatten(2, 3) + self.time_pos[:T, None, :]  # (B, T, N, D0)

@@ -3,6 +3,7 @@ temporary folder, loaded into the video encoder. The contract: a video whose fra
 right after loading, the image model's own tokens at the end of every htwa / divided / spatial / full stage."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -91,7 +92,7 @@ def assert_every_frame(t, reference: torch.Tensor, what: str):
     got = video_tokens(t)
     assert got.shape[0] == FRAMES
     err = (got - reference[0]).abs().max().item()
-    assert err < 1e-4, f"{what}: max abs difference {err}"
+    assert err < 1e-5, f"{what}: max abs difference {err}"
 
 
 LAYOUTS = {  # attention -> stages (dims, depths, heads) taking the image model's 3 layers
@@ -113,6 +114,13 @@ def test_vit_families_start_where_the_image_model_is(tmp_path, family, kind):
     ends = torch.tensor(LAYOUTS[kind]["depths"]).cumsum(0).tolist()
     for i, end in enumerate(ends):
         assert_every_frame(outs[i], hidden[end], f"{family} {kind} stage {i}")
+    with torch.no_grad():  # the final norm: ViT's layernorm, BLIP's post_layernorm; CLIP's on its pooled [CLS]
+        out = model(pixel_values=pixels(image, enc))
+        final = enc.norm(video_tokens(outs[-1]))
+    if family == "clip":
+        assert (final[:, 0] - out.pooler_output).abs().max() < 1e-5
+    else:
+        assert (final - out.last_hidden_state[0]).abs().max() < 1e-5
     assert report.family == family
     assert not [k for k in report.new if not k.startswith(("time_pos", "clip_norm", "patch_embed.bias")) and
                 "temporal.proj" not in k]
@@ -156,7 +164,11 @@ def test_swin_tiled_patch_and_resized_window(tmp_path):
                           temporal_windows=[2, 4], spatial_window=[2, 4], downsample=[True, False])
     w = enc.patch_embed.weight  # (16, 3, 1, 8, 8): each 4x4 tile is the image kernel / 4
     assert torch.allclose(w[..., :4, :4], w[..., 4:, 4:]) and torch.allclose(w[..., :4, :4], w[..., 4:, :4])
-    assert enc.stages[0][0].attn.attn.bias_table.shape == (3 * 3 * 7, 2)
+    table = enc.stages[0][0].attn.attn.bias_table.view(3, 3, 7, 2)  # (temporal, h, w offsets, heads)
+    image = load_file(tmp_path / "model.safetensors")["encoder.layers.0.blocks.0.attention.self.relative_position_bias_table"]
+    expected = torch.nn.functional.interpolate(image.T.reshape(1, 2, 7, 7), size=(3, 7), mode="bicubic",
+                                               align_corners=False)[0].permute(1, 2, 0)  # (3, 7, heads)
+    assert all(torch.allclose(table[t], expected, atol=1e-6) for t in range(3))
     assert any("patch 8" in d for d in report.departures)
     _, video = image_and_video()
     with torch.no_grad():
@@ -195,6 +207,54 @@ def test_unused_layers_and_pooler_are_listed(tmp_path):
     assert "beyond" in report.unused["encoder.layer.2.output.dense.weight"]
     assert any("first 2 of the image model's 3" in d for d in report.departures)
     json.dumps(report.to_dict())
+
+
+def test_a_sharded_multimodal_checkpoint_reads_only_its_vision_tensors(tmp_path):
+    """A hub-style CLIPModel (text and vision towers, `vision_model.` prefix) in many safetensors shards with an
+    index, and its image processor's statistics inside processor_config.json (transformers 5's layout)."""
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=dict(**kw, vocab_size=99),
+                                                          vision_config=dict(**kw, image_size=IMAGE, patch_size=8)))
+    _perturb(clip)
+    clip.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 3
+    stats = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": stats}))
+    enc, report = encoder(tmp_path, patch_size=8, **LAYOUTS["spatial"])
+    assert (enc.cfg.pixel_mean, enc.cfg.pixel_std) == (stats["image_mean"], stats["image_std"])
+    assert all(k.startswith(("embeddings.", "encoder.", "pre_layrnorm", "post_layernorm")) for k in report.unused)
+    image, video = image_and_video()
+    with torch.no_grad():
+        hidden = clip.vision_model(pixel_values=pixels(image, enc), output_hidden_states=True).hidden_states
+    assert_every_frame(stage_outputs(enc, video)[0], hidden[3], "sharded CLIP")
+
+
+def test_no_qkv_bias_starts_at_zero(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=3,
+                                                         num_attention_heads=2, intermediate_size=64, qkv_bias=False)).eval()
+    _perturb(model)
+    model.save_pretrained(tmp_path)
+    enc, report = encoder(tmp_path, patch_size=8, **LAYOUTS["spatial"])
+    assert "stages.0.0.attn.qkv.bias" in report.new and enc.stages[0][0].attn.qkv.bias.abs().sum() == 0
+    image, video = image_and_video()
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels(image, enc), output_hidden_states=True).hidden_states
+    assert_every_frame(stage_outputs(enc, video)[0], hidden[3], "ViT without qkv bias")
+
+
+def test_the_weights_side_refuses_keys_that_disagree_with_the_family(tmp_path):
+    from pretrain.image_init import check_fit
+
+    vit_family("clip", tmp_path)
+    good = VideoEncoderConfig(patch_size=8, temporal_windows=[1], downsample=[False], merge_frames=[0], merge_patches=[0],
+                              clip_features="final", local_stage=0, **LAYOUTS["spatial"],
+                              **family_keys(read_image_model(tmp_path)))
+    check_fit(good, read_image_model(tmp_path))
+    for key, value in (("activation", "gelu"), ("norm_eps", 1e-3), ("cls_token", False)):
+        with pytest.raises(ImageInitError, match=f"bad value for model.video.{key}: expected"):
+            check_fit(dataclasses.replace(good, **{key: value}), read_image_model(tmp_path))
 
 
 def test_wrong_width_is_refused_before_loading(tmp_path):
