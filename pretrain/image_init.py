@@ -561,6 +561,13 @@ def init_from_image(encoder, folder: str | Path) -> Report:
     """`load_image`, logged: the summary, and every departure from the image model."""
     report = load_image(encoder, folder)
     log.info("%s", report.summary())
+    for what, table in (("new", report.new), ("unused", report.unused)):
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in table.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            more = f", ... ({len(names) - 3} more)" if len(names) > 3 else ""
+            log.info("  %s (%s): %s%s", what, reason, ", ".join(names[:3]), more)
     for line in report.departures:
         log.info("  departs from the image model: %s", line)
     return report
