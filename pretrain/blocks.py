@@ -183,7 +183,8 @@ class DividedBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 spatial merge on the grid: (B, T, h*w, D) -> (B, T, h/2*w/2, D_out). Time is kept."""
+    """2x2 spatial merge on the grid: (B, T, h*w, D) -> (B, T, h/2*w/2, D_out). Time is kept; a [CLS] token
+    ends here (it has no place in the merge, and a ViT has no merge to carry one through)."""
 
     def __init__(self, dim: int, dim_out: int, eps: float = 1e-5):
         super().__init__()
@@ -192,7 +193,6 @@ class PatchMerging(nn.Module):
 
     def forward(self, t: Tokens) -> Tokens:
         assert t.grid is not None, "spatial downsampling needs the patch grid (not after TESTA patch merging)"
-        assert t.cls is None, "spatial downsampling of an encoder with a [CLS] token"
         B, T, N, D = t.x.shape
         h, w = t.grid
         assert h % 2 == 0 and w % 2 == 0, f"patch merging needs an even grid, got {h}x{w}"
@@ -200,4 +200,4 @@ class PatchMerging(nn.Module):
         x = torch.cat([g[:, :, i::2, j::2] for i in (0, 1) for j in (0, 1)], dim=-1)  # (B, T, h/2, w/2, 4D)
         size = t.size.view(B, T, h // 2, 2, w // 2, 2, 1).sum(dim=(3, 5))  # (B, T, h/2, w/2, 1)
         x = self.reduce(self.norm(x))
-        return replace(t, x=x.view(B, T, -1, x.shape[-1]), size=size.view(B, T, -1, 1), grid=(h // 2, w // 2))
+        return replace(t, x=x.view(B, T, -1, x.shape[-1]), size=size.view(B, T, -1, 1), grid=(h // 2, w // 2), cls=None)

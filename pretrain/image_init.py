@@ -413,8 +413,7 @@ def load_image(encoder, folder: str | Path, dry_run: bool = False) -> Report:
     if fam == "swin":
         plan.load("embed_norm.weight", ["embeddings.norm.weight"])
         plan.load("embed_norm.bias", ["embeddings.norm.bias"])
-        plan.load("norm.weight", ["layernorm.weight"])
-        plan.load("norm.bias", ["layernorm.bias"])
+        final_norm(plan, "layernorm", img.width(len(img.depths) - 1))
     else:
         cls_key = {"vit": "embeddings.cls_token"}.get(fam, "embeddings.class_embedding")
         pos_key = {"vit": "embeddings.position_embeddings", "clip": "embeddings.position_embedding.weight"}.get(
@@ -425,8 +424,7 @@ def load_image(encoder, folder: str | Path, dry_run: bool = False) -> Report:
         report.departures.append("the [CLS] token joins attention but not the pooling: video and clip features are "
                                  "the size-weighted means of the patch tokens")
         final = "layernorm" if fam == "vit" else "post_layernorm"
-        plan.load("norm.weight", [final + ".weight"])
-        plan.load("norm.bias", [final + ".bias"])
+        final_norm(plan, final, img.width())
         if fam == "clip":
             plan.load("embed_norm.weight", ["pre_layrnorm.weight"])
             plan.load("embed_norm.bias", ["pre_layrnorm.bias"])
@@ -485,6 +483,13 @@ def load_image(encoder, folder: str | Path, dry_run: bool = False) -> Report:
             plan.load(f"stages.{i}.{last}.norm.weight", [d + "norm.weight"], _swin_merge)
             plan.load(f"stages.{i}.{last}.norm.bias", [d + "norm.bias"], _swin_merge)
             plan.load(f"stages.{i}.{last}.reduce.weight", [d + "reduction.weight"], _swin_merge)
+    else:  # a ViT has no patch merging: the encoder's 2x2 merges are new
+        if any(cfg.downsample):
+            report.departures.append("2x2 patch merging (new) after a ViT's blocks; the [CLS] token ends there")
+        for i, down in enumerate(cfg.downsample):
+            if down:
+                for name, _ in encoder.stages[i][cfg.depths[i]].named_parameters():
+                    plan.new(f"stages.{i}.{cfg.depths[i]}.{name}", f"2x2 patch merging: {fam} has none")
     # blocks with no image counterpart, and the other new modules
     for i, kind in enumerate(cfg.attention):
         if kind in NEW_KINDS:
@@ -513,6 +518,19 @@ def _inflate_swin(sources, shape, window, window_2d):
     if table.shape[0] != n * n:
         return table  # reported as a shape mismatch
     return inflate_bias_table(table.T.reshape(H, n, n), shape, window)
+
+
+def final_norm(plan: Plan, key: str, width: int) -> None:
+    """The image model's final norm for the encoder's, when the widths agree (else new)."""
+    if plan.encoder.cfg.dims[-1] == width:
+        plan.load("norm.weight", [key + ".weight"])
+        plan.load("norm.bias", [key + ".bias"])
+        return
+    for leaf in ("weight", "bias"):
+        plan.new(f"norm.{leaf}", f"the encoder ends {plan.encoder.cfg.dims[-1]} wide, the image model's final norm is "
+                                 f"{width} wide")
+        plan.used.add(f"{key}.{leaf}")
+        plan.report.unused[f"{key}.{leaf}"] = "the encoder's final width differs"
 
 
 def _finish(plan: Plan, tensors: dict, taken: int, available: int, img: ImageModel) -> None:

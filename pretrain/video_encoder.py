@@ -59,7 +59,7 @@ class VideoEncoderConfig:
     init_image: str = ""
     pixel_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # frames: (x / 255 - mean) / std
     pixel_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    cls_token: bool = False  # a learned [CLS] token (ViT families); needs no downsampling
+    cls_token: bool = False  # a learned [CLS] token (ViT families); the first 2x2 downsampling drops it
     pos_grid: list[int] = field(default_factory=list)  # (h, w) of a learned spatial position table; []: none
     embed_norm: bool = False  # LayerNorm after the patch embedding (Swin's patch norm, CLIP's pre-norm)
     activation: Literal["gelu", "quick_gelu"] = "gelu"  # the MLPs' (CLIP: quick_gelu)
@@ -93,9 +93,6 @@ class VideoEncoderConfig:
                                  "patch merging)")
         if not 0 <= self.local_stage < n:
             raise ValueError(f"bad value for model.video.local_stage: expected an integer in [0, {n - 1}]")
-        if self.cls_token and any(self.downsample):
-            raise ValueError("bad value for model.video.cls_token: expected false with downsampling (a [CLS] token "
-                             "has no place in a 2x2 patch merge)")
         for key in ("pixel_mean", "pixel_std"):
             values = getattr(self, key)
             if len(values) != 3 or (key == "pixel_std" and min(values) <= 0):
