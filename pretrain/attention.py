@@ -67,18 +67,46 @@ def graph_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, graph: to
     return logits.softmax(dim=-1) @ v
 
 
+def banded_graph_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                           threshold: float) -> torch.Tensor:
+    """STGT's graph attention computed per frame band: frame t's tokens attend to the tokens of frames
+    t-1..t+1 whose cosine similarity (on detached x) reaches `threshold`, logits times that similarity.
+    The same as `graph_attention` with `similarity_graph`, in O(T * N * 3N) memory instead of (T*N)^2.
+    q, k, v (B, H, T, N, Dh); x (B, T, N, D) -> (B, H, T, N, Dh)"""
+    B, H, T, N, Dh = q.shape
+    xn = F.normalize(x.detach(), dim=-1)
+    xb, valid = band_keys(xn, 1)  # (B, T, 3N, D), (T, 3N): frames t-1..t+1, False past either end
+    sim = xn @ xb.transpose(-1, -2)  # (B, T, N, 3N)
+    graph = sim * ((sim >= threshold) & valid[:, None, :])  # (B, T, N, 3N), 0 = no edge
+    heads = lambda t: t.permute(0, 2, 3, 1, 4).reshape(B, T, N, H * Dh)  # (B, H, T, N, Dh) -> (B, T, N, H*Dh)
+    kb, _ = band_keys(heads(k), 1)  # (B, T, 3N, H*Dh)
+    vb, _ = band_keys(heads(v), 1)
+    kb, vb = (t.view(B, T, 3 * N, H, Dh).permute(0, 3, 1, 2, 4) for t in (kb, vb))  # (B, H, T, 3N, Dh)
+    logits = q @ kb.transpose(-1, -2) / math.sqrt(Dh)  # (B, H, T, N, 3N)
+    g = graph.unsqueeze(1).to(logits.dtype)  # (B, 1, T, N, 3N)
+    logits = (logits * g).masked_fill(g == 0, float("-inf"))
+    return logits.softmax(dim=-1) @ vb  # (B, H, T, N, Dh)
+
+
 class GraphAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, threshold: float):
+    """STGT's graph attention over (B, T*N, D). `banded` (default): per frame band, O(T * N * 3N) memory;
+    False: the dense (T*N)^2 form (the reference, and the memory benchmark's "before")."""
+
+    def __init__(self, dim: int, heads: int, threshold: float, banded: bool = True):
         super().__init__()
-        self.heads, self.threshold = heads, threshold
+        self.heads, self.threshold, self.banded = heads, threshold, banded
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         B, S, D = x.shape  # S = T * N
-        graph = similarity_graph(x, T, self.threshold)  # (B, S, S)
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, S, Dh)
-        return self.proj(merge_heads(graph_attention(q, k, v, graph)))
+        if not self.banded:
+            return self.proj(merge_heads(graph_attention(q, k, v, similarity_graph(x, T, self.threshold))))
+        H, N = self.heads, S // T
+        q, k, v = (t.reshape(B, H, T, N, D // H) for t in (q, k, v))  # (B, H, T, N, Dh)
+        out = banded_graph_attention(q, k, v, x.view(B, T, N, D), self.threshold)  # (B, H, T, N, Dh)
+        return self.proj(merge_heads(out.reshape(B, H, S, D // H)))
 
 
 # ---- DAST: depth-aware sparse attention ----------------------------------------------------------

@@ -181,3 +181,23 @@ def test_lfvila_maxpool_pooling_matches_a_hand_computation():
     mean_enc.load_state_dict(enc.state_dict())
     video = torch.randint(0, 256, (1, 8, 3, 32, 32), dtype=torch.uint8)
     assert not torch.allclose(enc(video, 4)[1], mean_enc(video, 4)[1])
+
+
+@pytest.mark.parametrize("B,T,N,D,H,threshold", [(2, 5, 6, 16, 2, 0.0), (1, 7, 3, 24, 3, 0.3), (3, 1, 4, 8, 2, -1.0),
+                                                 (2, 2, 9, 12, 4, 0.6)])
+def test_banded_graph_attention_equals_the_dense_one(B, T, N, D, H, threshold):
+    """STGT's graph only links frames t-1..t+1: computed per frame band it gives the dense (T*N)^2 result,
+    forward and backward."""
+    from pretrain.attention import GraphAttention
+
+    torch.manual_seed(T * N)
+    band = GraphAttention(D, H, threshold, banded=True)
+    dense = GraphAttention(D, H, threshold, banded=False)
+    dense.load_state_dict(band.state_dict())
+    x = torch.randn(B, T * N, D)
+    x = (x + 2 * x.mean(1, keepdim=True)).requires_grad_()  # similar tokens: many edges pass the threshold
+    out_band = band(x, T)
+    grad_band, = torch.autograd.grad(out_band.square().sum(), x)
+    out_dense = dense(x, T)
+    grad_dense, = torch.autograd.grad(out_dense.square().sum(), x)
+    assert torch.allclose(out_band, out_dense, atol=1e-5) and torch.allclose(grad_band, grad_dense, atol=1e-5)
