@@ -60,12 +60,15 @@ def build_accelerator(cfg: FinetuneConfig, ds_config: str | None):
     ds = deepspeed_json(cfg, ds_config)
     gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    common = {"step_scheduler_with_optimizer": False, "gradient_accumulation_steps": cfg.train.grad_accum}
+    # train.precision decides, never `accelerate launch --mixed_precision` (whose fp16 would reach DeepSpeed's JSON);
+    # without DeepSpeed, bf16 is accelerate's autocast, as DeepSpeed's bf16
+    precision = "bf16" if resolve_precision(cfg.train.precision) == "bf16" else "no"
+    common = {"step_scheduler_with_optimizer": False, "gradient_accumulation_steps": cfg.train.grad_accum,
+              "mixed_precision": precision}
     if ds is None:  # plain PyTorch: on CPUs accelerate needs cpu=True for gloo DDP
         # a task uses only some of the backbone's heads (VPC: not the clip and sentence projections)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        precision = "bf16" if resolve_precision(cfg.train.precision) == "bf16" else "no"  # autocast, as DeepSpeed's bf16
-        return Accelerator(cpu=not gpu, mixed_precision=precision, kwargs_handlers=[ddp], **common), False
+        return Accelerator(cpu=not gpu, kwargs_handlers=[ddp], **common), False
     ds_file = resolve_path(ds[0])
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -110,6 +113,10 @@ def build_model(cfg: FinetuneConfig, task: Task, run_dir: Path | None = None) ->
     elif not cfg.model.video.init_image:
         log.warning("no --init / model.init_from: the backbone starts from its initialisation, not a pretrained model")
     backbone.freeze(cfg.model.freeze)
+    backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.train.activation_checkpointing:
+        log.info("activation checkpointing: 1 in %d blocks of the video and text encoders recomputed in backward",
+                 cfg.train.activation_checkpointing)
     return TaskModel(backbone, task.head(backbone), gather=dist_utils.gather_with_grad)
 
 

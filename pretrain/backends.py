@@ -54,8 +54,11 @@ def build_ds_config(cfg: Config, world_size: int, path: str | None = None) -> di
                               "(data.batch_size x train.grad_accum x world size, train.grad_clip); "
                               "remove it from the JSON or make them agree")
         ds[key] = value
-    if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{path}: fp16 is not supported; use bf16 (GPU) or fp32 (train.precision)")
+    for key in ("fp16", "amp"):  # DeepSpeed's fp16 with loss scaling, and its apex AMP (fp16 too)
+        section = ds.get(key) or {}
+        if not isinstance(section, dict) or section.get("enabled", False) is not False:
+            raise ConfigError(f"{path}: {key} is not supported; use bf16 (GPU) or fp32 (train.precision) and remove "
+                              f"'{key}' from the JSON")
     bf16 = resolve_precision(cfg.train.precision) == "bf16"
     if "enabled" in ds.get("bf16", {}) and ds["bf16"]["enabled"] != bf16:
         raise ConfigError(f"{path}: bf16.enabled={ds['bf16']['enabled']} disagrees with train.precision="

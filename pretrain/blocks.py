@@ -28,6 +28,9 @@ class Tokens:
     depth: torch.Tensor | None = None  # (B, T, Nd, Cd) depth tokens, for DAST blocks
     frames_merged: bool = False  # TESTA merged frames: T and the temporal order changed
     cls: torch.Tensor | None = None  # (B, 1, D) the video's [CLS] token, if the encoder has one
+    # after token dropping (grid None): a frame's tokens are whole 2^z x 2^z patch blocks, each in Z order,
+    # so z more 2x2 merges can take consecutive fours (pretrain/video_encoder.py `block_patches`)
+    z_levels: int = 0
 
 
 class QuickGELU(nn.Module):
@@ -184,7 +187,8 @@ class DividedBlock(nn.Module):
 
 class PatchMerging(nn.Module):
     """2x2 spatial merge on the grid: (B, T, h*w, D) -> (B, T, h/2*w/2, D_out). Time is kept; a [CLS] token
-    ends here (it has no place in the merge, and a ViT has no merge to carry one through)."""
+    ends here (it has no place in the merge, and a ViT has no merge to carry one through). After token
+    dropping (no grid, `z_levels` > 0) the same merge of each run of four tokens (their 2x2 groups)."""
 
     def __init__(self, dim: int, dim_out: int, eps: float = 1e-5):
         super().__init__()
@@ -192,8 +196,12 @@ class PatchMerging(nn.Module):
         self.reduce = nn.Linear(4 * dim, dim_out, bias=False)
 
     def forward(self, t: Tokens) -> Tokens:
-        assert t.grid is not None, "spatial downsampling needs the patch grid (not after TESTA patch merging)"
         B, T, N, D = t.x.shape
+        if t.grid is None:
+            assert t.z_levels > 0, "spatial downsampling needs the patch grid (not after TESTA patch merging)"
+            x = t.x.reshape(B, T, N // 4, 4 * D)  # (B, T, N/4, 4D): each run of four is a 2x2 group, in order
+            size = t.size.view(B, T, N // 4, 4).sum(-1, keepdim=True)  # (B, T, N/4, 1)
+            return replace(t, x=self.reduce(self.norm(x)), size=size, cls=None, z_levels=t.z_levels - 1)
         h, w = t.grid
         assert h % 2 == 0 and w % 2 == 0, f"patch merging needs an even grid, got {h}x{w}"
         g = t.x.view(B, T, h, w, D)

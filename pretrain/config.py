@@ -55,9 +55,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     warmup_steps: int = 30  # linear warm-up, then the schedule
-    # after warm-up: "cosine" decay to min_lr_ratio * lr, or "step" decay (LF-VILA's downstream schedule:
-    # multiply the LR by decay_factor every decay_every steps; 0: never, a constant LR)
-    schedule: Literal["cosine", "step"] = "cosine"
+    # after warm-up: "cosine" or "linear" (LF-VILA's pretraining) decay to min_lr_ratio * lr, or "step" decay
+    # (LF-VILA's downstream schedule: multiply the LR by decay_factor every decay_every steps; 0: never)
+    schedule: Literal["cosine", "linear", "step"] = "cosine"
     min_lr_ratio: float = 0.05
     decay_every: int = 0
     decay_factor: float = 0.25
@@ -73,6 +73,10 @@ class TrainConfig:
     eval_at_end: bool = True  # evaluate on data.val_shards after training (pretraining: zero-shot retrieval)
     ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine JSON; batch sizes are filled in from here
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    # recompute activations in the backward pass instead of keeping them (memory for ~1/3 more compute): 0 off,
+    # 1 every block of the video encoder (the patch embedding counts as its first) and every BERT layer of the
+    # text encoder, k every k-th, the first of each included
+    activation_checkpointing: int = 0
 
     def __post_init__(self):
         check_value(self.steps >= 1, "train.steps", "an integer >= 1")
@@ -94,6 +98,8 @@ class TrainConfig:
         check_value(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
         check_value(self.exit_interval >= 0, "train.exit_interval", "an integer >= 0")
         check_value(bool(self.ds_config), "train.ds_config", "a DeepSpeed JSON path")
+        check_value(self.activation_checkpointing >= 0, "train.activation_checkpointing",
+                    "an integer >= 0 (0: off, 1: every block, k: every k-th block)")
 
 
 @dataclass
@@ -129,11 +135,12 @@ class Config:
         out = {}
         if not model.get("init_from"):
             out["model.init_partial"] = "without model.init_from there are no weights to load"
-        if train.get("schedule", TrainConfig.schedule) == "cosine":
+        schedule = train.get("schedule", TrainConfig.schedule)
+        if schedule in ("cosine", "linear"):
             for key in ("decay_every", "decay_factor"):
-                out[f"train.{key}"] = "with train.schedule=cosine; only train.schedule=step reads it"
+                out[f"train.{key}"] = f"with train.schedule={schedule}; only train.schedule=step reads it"
         else:
-            out["train.min_lr_ratio"] = "with train.schedule=step; only train.schedule=cosine reads it"
+            out["train.min_lr_ratio"] = "with train.schedule=step; only cosine and linear read it"
         return out
 
     def check_data_and_video(self) -> None:
@@ -355,8 +362,9 @@ def inherit_architecture(data: dict, init: str | Path) -> Path | None:
     for key in ARCHITECTURE_KEYS:
         if key in saved:
             model[key] = saved[key]
-    if isinstance(model.get("video"), dict):  # its weights come from init_from, not from the image model again
-        model["video"].pop("init_image", None)
+    if isinstance(model.get("video"), dict):
+        model["video"].pop("init_image", None)  # the weights come from init_from, not from the image model again
+        model["video"].pop("drop_ratio", None)  # pretraining's token dropping; a finetune recipe sets its own
     if saved.get("fusion_layers"):
         model["fusion_layers"] = saved["fusion_layers"]
     return path

@@ -171,14 +171,23 @@ class VideoTextModel(nn.Module):
         model.load_state_dict(state, strict=True)
         return model.eval()
 
+    def set_activation_checkpointing(self, every: int) -> None:
+        """train.activation_checkpointing: recompute the activations of every `every`-th block of the video
+        encoder (the patch embedding first) and of the text encoder's BERT layers in the backward pass instead
+        of keeping them (0: keep all). Training with gradients only; the fusion stack and heads keep theirs."""
+        self.video.set_activation_checkpointing(every)
+        self.text.set_activation_checkpointing(every)
+
     def freeze(self, prefixes: list[str]) -> None:
         for name, p in self.named_parameters():
             if any(name.startswith(pre) for pre in prefixes):
                 p.requires_grad_(False)
 
-    def encode_video(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None):
-        """-> clip embeddings (B, M, E) (None if the encoder merges frames first), video embedding (B, E)."""
-        clips, whole = self.video(video, num_clips, depth)  # (B, M, Dc), (B, Dv)
+    def encode_video(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None):
+        """-> clip embeddings (B, M, E) (None if the encoder merges frames first), video embedding (B, E).
+        `generator`: token dropping's draws in training (model.video.drop_ratio), else the global RNG."""
+        clips, whole = self.video(video, num_clips, depth, generator=generator)  # (B, M, Dc), (B, Dv)
         clips = F.normalize(self.video_local(clips), dim=-1) if clips is not None else None
         return clips, F.normalize(self.video_global(whole), dim=-1)
 
@@ -203,6 +212,8 @@ class VideoTextModel(nn.Module):
     def contrastive_losses(self, batch, gather, generator) -> dict[str, torch.Tensor]:
         c = self.cfg.loss
         M = batch["input_ids"].shape[1]
+        # token dropping draws from this rank's own RNG (seeded per rank, saved in checkpoints), not from
+        # `generator`, which is the same on every rank (MTC's positions must be)
         clip_emb, video_emb = self.encode_video(batch["video"], M, batch.get("depth"))  # (B, M, E), (B, E)
         sent_emb, para_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, M, E), (B, E)
         video_emb, para_emb = gather(video_emb), gather(para_emb)  # (B_global, E)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def default_text_model() -> str:
@@ -103,11 +104,23 @@ class HierarchicalTextEncoder(nn.Module):
         self.max_sentences = cfg.max_sentences
         self.pooling = cfg.sentence_pooling
 
-    @staticmethod
-    def _run(layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    checkpoint_every = 0  # activation checkpointing: recompute every k-th layer in the backward pass (0: off)
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Keep no activations inside every `every`-th BERT layer (0: keep all) of the sentence and of the
+        paragraph layers, each counted from its first; the backward pass recomputes them. Here and not through
+        transformers' `gradient_checkpointing_enable`: the layers are called one by one, outside the BertModel
+        that method configures. Only in training with gradients."""
+        self.checkpoint_every = every
+
+    def _run(self, layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ext = additive_mask(mask, x.dtype)
-        for layer in layers:
-            x = layer(x, attention_mask=ext)
+        k, grads = self.checkpoint_every, self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(layers):
+            if k and grads and i % k == 0:
+                x = checkpoint(layer, x, attention_mask=ext, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask=ext)
             x = x[0] if isinstance(x, tuple) else x
         return x
 

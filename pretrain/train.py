@@ -44,6 +44,10 @@ def build_model(cfg: Config, resume: bool = False) -> VideoTextModel:
     if cfg.model.init_from:
         load_weights(model, resolve_path(cfg.model.init_from), new_modules(cfg.model), partial=cfg.model.init_partial)
     model.freeze(cfg.model.freeze)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.train.activation_checkpointing:
+        log.info("activation checkpointing: 1 in %d blocks of the video and text encoders recomputed in backward",
+                 cfg.train.activation_checkpointing)
     return model
 
 

@@ -156,8 +156,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to train.min_lr_ratio (or, with train.schedule = "step",
-    LF-VILA's step decay by train.decay_factor every train.decay_every steps)."""
+    """Linear warm-up, then cosine decay to train.min_lr_ratio; or "linear" decay to it (LF-VILA's
+    pretraining); or "step", LF-VILA's downstream decay by train.decay_factor every train.decay_every steps."""
     t = train
 
     def factor(step: int) -> float:
@@ -166,6 +166,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_s
         if t.schedule == "step":
             return t.decay_factor ** (step // t.decay_every) if t.decay_every else 1.0
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        if t.schedule == "linear":
+            return 1 - (1 - t.min_lr_ratio) * progress
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -13,15 +13,31 @@ Per stage, `attention` picks the block (a plain dict, `BLOCKS`):
 What an image model brings (`init_image`, pretrain/image_init.py) has its own keys: pixel mean and std,
 a [CLS] token, a learned spatial position table (interpolated to the input grid), a LayerNorm after the
 patch embedding, the MLP's activation and the LayerNorm epsilon.
+
+Token dropping (`drop_ratio` r; FLIP, UMT, ViCLIP): in training only, right after the embedding, each video
+keeps a random round((1 - r) * U) (half up, at least one) of its U spatial units, the same units in every
+frame of the whole video (tube masking: `divided`'s temporal attention and TESTA's frame merging pair token n
+of every frame, so it must be the same patch everywhere; per clip would break that). Units are single
+patches, or 2^k x 2^k blocks when the encoder has k 2x2 downsamplings (the coarsest group any merge needs;
+each block in Z order, so `PatchMerging` merges runs of four without the grid). The [CLS] and depth tokens
+are never dropped; `size` follows the kept tokens, so pooling and per-frame features stay size-weighted
+means. After dropping `Tokens.grid` is None, and every block kind but `htwa` works on any token set, so the
+output is exactly the encoder's on the kept tokens. Refused (a config error): `htwa`, whose shifted windows
+need the whole grid (blocks of its coarsest window are whole frames at LF-VILA's grids, and a shifted window
+straddles four unshifted ones), and `maxpool` pooling, which needs each frame's grid (falling back to the
+mean would pool training differently from evaluation).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.blocks import (DepthBlock, DividedBlock, FullBlock, GraphBlock, HTWABlock, PatchMerging,
                              SpatialBlock, Tokens)
@@ -54,6 +70,10 @@ class VideoEncoderConfig:
     # Pooling of a stage's tokens into clip and video features: "mean" over frames and patches, or
     # LF-VILA's "maxpool": a (2, 3) max-pool with stride 1 over each frame's patch grid first.
     pooling: Literal["mean", "maxpool"] = "mean"
+    # FLIP / UMT / ViCLIP token dropping: in training only, each video keeps a random round((1 - r) * N) of
+    # its N patch positions, the same in every frame, before the first block. 0: off; refused with htwa
+    # and maxpool (module docstring).
+    drop_ratio: float = 0.0
     # A local `transformers` image-model folder (Swin, ViT, CLIP, BLIP, BLIP-2 vision) the encoder starts from:
     # pretrain/image_init.py inflates its weights, and sets the keys below to what the family has.
     init_image: str = ""
@@ -102,6 +122,17 @@ class VideoEncoderConfig:
             raise ValueError(f"bad value for model.video.pos_grid: expected [] or [h, w] (got {self.pos_grid})")
         if self.norm_eps <= 0:
             raise ValueError(f"bad value for model.video.norm_eps: expected a number > 0 (got {self.norm_eps})")
+        if not 0 <= self.drop_ratio < 1:
+            raise ValueError("bad value for model.video.drop_ratio: expected a number in [0, 1) "
+                             f"(got {self.drop_ratio})")
+        if self.drop_ratio > 0 and "htwa" in self.attention:
+            raise ValueError(f"bad value for model.video.drop_ratio: expected 0 with attention 'htwa' (stage "
+                             f"{self.attention.index('htwa')}) because its shifted 3D windows need every patch of "
+                             "the grid (set drop_ratio to 0, or use divided/spatial/full/graph/depth stages)")
+        if self.drop_ratio > 0 and self.pooling == "maxpool":
+            raise ValueError("bad value for model.video.drop_ratio: expected 0 with pooling 'maxpool' because "
+                             "LF-VILA's max-pool needs each frame's whole patch grid (training would pool "
+                             "differently from evaluation); use pooling 'mean'")
 
     def clip_stage(self) -> int | None:
         """The stage whose output gives clip features, or None when frames were merged by then."""
@@ -163,6 +194,21 @@ def preset_values(name: str) -> dict:
     return dict(PRESETS[name])
 
 
+@lru_cache(maxsize=32)
+def block_patches(h: int, w: int, levels: int) -> torch.Tensor:
+    """(U, 4**levels): the raster indices of the patches of each 2^levels x 2^levels block of an h x w grid,
+    blocks in raster order, a block's patches in Z order (finest bits last: every run of four is a 2x2
+    group in PatchMerging's order (0,0) (0,1) (1,0) (1,1), and so is every run of four after a merge)."""
+    u = 2 ** levels
+    z = torch.arange(u * u)
+    r, c = torch.zeros_like(z), torch.zeros_like(z)
+    for bit in range(levels):
+        r, c = r | (((z >> (2 * bit + 1)) & 1) << bit), c | (((z >> (2 * bit)) & 1) << bit)
+    rows = torch.arange(h // u)[:, None, None] * u + r  # (h/u, 1, u*u)
+    cols = torch.arange(w // u)[None, :, None] * u + c  # (1, w/u, u*u)
+    return (rows * w + cols).reshape(-1, u * u)
+
+
 def build_block(cfg: VideoEncoderConfig, i: int, j: int, depth_dim: int) -> nn.Module:
     dim, heads, r = cfg.dims[i], cfg.heads[i], cfg.mlp_ratio
     window = (cfg.temporal_windows[i], *cfg.spatial_window)
@@ -194,6 +240,16 @@ class DepthEmbed(nn.Module):
         return self.norm(z).view(B, T, self.grid ** 2, -1)
 
 
+class Stage(nn.Sequential):
+    """A stage's blocks, then its 2x2 merge; called as one module (hooks on a stage see its input and output),
+    each block through `run(unit, block, tokens)`, the encoder's activation checkpointing."""
+
+    def forward(self, t: Tokens, run=None, first_unit: int = 0) -> Tokens:
+        for j, block in enumerate(self):
+            t = block(t) if run is None else run(first_unit + j, block, t)
+        return t
+
+
 class VideoEncoder(nn.Module):
     """Video (B, T, 3, H, W) in [0, 255] (+ depth (B, T, H, W)) -> clip features (B, M, Dc) or None,
     and the video feature (B, D)."""
@@ -219,13 +275,14 @@ class VideoEncoder(nn.Module):
             blocks = [build_block(cfg, i, j, dims[0]) for j in range(cfg.depths[i])]
             if cfg.downsample[i]:
                 blocks.append(PatchMerging(dims[i], cfg.stage_out_dim(i), eps=cfg.norm_eps))
-            self.stages.append(nn.Sequential(*blocks))
+            self.stages.append(Stage(*blocks))
         self.clip_stage = cfg.clip_stage()
         self.clip_dim = cfg.stage_out_dim(self.clip_stage) if self.clip_stage is not None else None
         self.clip_norm = nn.LayerNorm(self.clip_dim, eps=cfg.norm_eps) if self.clip_dim else None
         self.norm = nn.LayerNorm(dims[-1], eps=cfg.norm_eps)
 
-    def embed(self, video: torch.Tensor, depth: torch.Tensor | None) -> Tokens:
+    def embed(self, video: torch.Tensor, depth: torch.Tensor | None,
+              generator: torch.Generator | None = None) -> Tokens:
         B, T, C, H, W = video.shape
         assert T <= self.cfg.max_frames, f"{T} frames exceed model.video.max_frames={self.cfg.max_frames}"
         dtype = self.patch_embed.weight.dtype  # fp32, or bf16 under DeepSpeed's bf16 mode
@@ -245,7 +302,26 @@ class VideoEncoder(nn.Module):
         if self.uses_depth:
             assert depth is not None, "this encoder has depth attention: the batch needs 'depth' maps"
             z = self.depth_embed(depth)  # (B, T, Nd, D0)
-        return Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z, cls=cls)
+        t = Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z, cls=cls)
+        return self.drop_tokens(t, generator) if self.training and self.cfg.drop_ratio > 0 else t
+
+    def drop_tokens(self, t: Tokens, generator: torch.Generator | None) -> Tokens:
+        """Token dropping: each video keeps a random round((1 - r) * U) of the U blocks of 2^k x 2^k patches
+        (k = the 2x2 downsamplings; 1 x 1 without), the same blocks in every frame. Drawn from `generator`
+        (the trainer's per-step one, so a resumed step drops what it dropped; it is the same on every rank, so
+        video b of each rank keeps the same blocks), else the global CPU RNG (saved per rank in checkpoints)."""
+        B, T, N, D = t.x.shape
+        h, w = t.grid
+        levels = sum(self.cfg.downsample)
+        u = 2 ** levels
+        assert h % u == 0 and w % u == 0, f"token dropping in {u}x{u} blocks needs a grid divisible by {u}, got {h}x{w}"
+        units = (h // u) * (w // u)
+        keep = max(1, math.floor((1 - self.cfg.drop_ratio) * units + 0.5))  # round half up, at least one
+        noise = torch.rand(B, units, generator=generator, device=generator.device if generator is not None else "cpu")
+        kept = noise.argsort(dim=1)[:, :keep].sort(dim=1).values.to(t.x.device)  # (B, keep) blocks, raster order
+        idx = block_patches(h, w, levels).to(t.x.device)[kept].flatten(1)  # (B, K) patch indices, K = keep * u * u
+        take = lambda v: v.gather(2, idx[:, None, :, None].expand(B, T, -1, v.shape[-1]))  # (B, T, K, .)
+        return replace(t, x=take(t.x), size=take(t.size), grid=None, z_levels=levels)
 
     def position_table(self, h: int, w: int) -> torch.Tensor:
         """The spatial position table for an h x w grid (N, D0): bicubic from `pos_grid` when it differs."""
@@ -256,15 +332,16 @@ class VideoEncoder(nn.Module):
         return F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False).reshape(-1, h * w).T
 
     def forward(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None,
-                return_frames: bool = False):
+                return_frames: bool = False, generator: torch.Generator | None = None):
         """[, per-frame tokens (B, T', D): the size-weighted mean of each remaining frame, for fusion]"""
         B, T = video.shape[:2]
         M = num_clips
         assert T % M == 0, f"frames ({T}) must split evenly into {M} clips"
-        t = self.embed(video, depth)
-        clips = None
+        t = self.checkpointed(0, self.embed, video, depth, generator=generator)
+        clips, unit = None, 1
         for i, stage in enumerate(self.stages):
-            t = stage(t)  # x: (B, T_i, N_i, D_i)
+            t = stage(t, self.checkpointed, unit)  # x: (B, T_i, N_i, D_i)
+            unit += len(stage)
             if i == self.clip_stage:
                 c, s = self.pool(self.clip_norm(t.x), t)  # (B, T, N', Dc), (B, T, N', 1)
                 clips = (c * s).reshape(B, M, -1, c.shape[-1]).sum(2) / s.reshape(B, M, -1, 1).sum(2)  # (B, M, Dc)
@@ -273,6 +350,37 @@ class VideoEncoder(nn.Module):
         if return_frames:
             return clips, video_feat, (x * s).sum(2) / s.sum(2)  # (B, T', D)
         return clips, video_feat
+
+    checkpoint_every = 0  # activation checkpointing: recompute every k-th unit in the backward pass (0: off)
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Keep no activations inside every `every`-th unit (0: keep all); the backward pass recomputes them.
+        The units, counted from 0: the patch embedding, then each block and 2x2 merge in order; so 1 is every
+        unit and k every k-th, always with the patch embedding (the normalised frames it feeds its conv are
+        the largest tensor it keeps). Only in training with gradients: eval and no_grad run as usual."""
+        self.checkpoint_every = every
+
+    def checkpointed(self, unit: int, fn, *args, generator: torch.Generator | None = None):
+        """fn(*args[, generator]), through non-reentrant torch checkpointing when `unit` is one to recompute.
+        Non-reentrant checkpointing takes and returns any structure (a `Tokens`), replays the global RNGs, and
+        recomputes whatever shapes TESTA's merging gives (the same inputs give the same merge). A `generator`
+        (token dropping's) is replayed too: fn draws from a copy started at its state, which the generator
+        then takes on, so the recomputation draws what the forward pass drew."""
+        k = self.checkpoint_every
+        if not (k and unit % k == 0 and self.training and torch.is_grad_enabled()):
+            return fn(*args) if generator is None else fn(*args, generator)
+        if generator is None:
+            return checkpoint(fn, *args, use_reentrant=False)
+        start = generator.get_state()
+
+        def replay(*inputs):
+            g = torch.Generator(generator.device)
+            g.set_state(start)
+            return fn(*inputs, g), g.get_state()
+
+        out, end = checkpoint(replay, *args, use_reentrant=False)
+        generator.set_state(end)
+        return out
 
     def pool(self, x: torch.Tensor, t: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
         """LF-VILA's (2, 3) max-pool over each frame's grid when configured (and a grid exists)."""

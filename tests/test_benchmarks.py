@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -71,5 +73,22 @@ def test_projection_quick(tmp_path):
     hours = {(r["gpu"], r["mfu"]): r["epoch_hours"] for r in result["results"]}
     assert all(positive(h) for h in hours.values())
     assert hours[("A100", 0.3)] > hours[("A100", 0.5)] > hours[("H100", 0.5)]  # faster GPU, higher MFU: less time
-    inputs = result["inputs"]
-    assert inputs["train_gflops_per_sample"] == 3 * (inputs["video_gflops"] + inputs["text_gflops"])
+    inputs = result["recipes"]["lfvila_stage1"]  # stage 1 trains everything: training = 3 x forward
+    assert inputs["frozen_gflops"] == 0
+    assert inputs["train_gflops_per_sample"] == pytest.approx(3 * (inputs["video_gflops"] + inputs["text_gflops"]))
+
+
+def test_projection_counts_frozen_parts_forward_only():
+    """STGT's frozen ViT-g and LF-VILA stage 2's frozen encoders cost one forward pass per sample, the trained
+    parts three (forward + backward); the recipes' own configs say what is frozen."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import projection
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    stgt = projection.count("stgt")
+    assert 0.9 * stgt["video_gflops"] < stgt["frozen_gflops"] < stgt["video_gflops"]  # 39 of 40 blocks frozen
+    assert stgt["train_gflops_per_sample"] == pytest.approx(stgt["frozen_gflops"] + 3 * stgt["trained_gflops"])
+    stage2 = projection.count("lfvila_stage2")
+    assert stage2["frozen_gflops"] == pytest.approx(stage2["video_gflops"] + stage2["text_gflops"])
+    assert stage2["trained_gflops"] == pytest.approx(stage2["fusion_gflops"]) and stage2["fusion_gflops"] > 0

@@ -222,3 +222,20 @@ def test_init_partial_is_a_model_key_off_by_default_and_only_with_init_from():
 def test_errors_of_every_section_have_one_style(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_finetuning_does_not_inherit_token_dropping_or_the_image_folder(tmp_path):
+    """Token dropping is pretraining's speed-up (a finetune recipe sets its own), and the inherited weights come
+    from the checkpoint, not again from the image model."""
+    pre = load_config(DEMO, ["model.video.preset=full_small", "model.video.drop_ratio=0.5", "model.embed_dim=32"])
+    save_config(pre, tmp_path / "model.yaml")
+    text = (tmp_path / "model.yaml").read_text().replace("init_image: ''", f"init_image: {tmp_path / 'gone'}")
+    (tmp_path / "model.yaml").write_text(text)
+    (tmp_path / "model.pt").write_bytes(b"")
+    recipe = REPO_ROOT / "finetune" / "configs" / "anet_retrieval_debug.yaml"
+    cfg = load_config(recipe, [("model.init_from", str(tmp_path / "model.pt"))], FinetuneConfig)
+    assert cfg.model.video.dims == pre.model.video.dims and cfg.model.embed_dim == 32
+    assert cfg.model.video.drop_ratio == 0 and cfg.model.video.init_image == ""
+    again = load_config(recipe, [("model.init_from", str(tmp_path / "model.pt")), "model.video.drop_ratio=0.25"],
+                        FinetuneConfig)
+    assert again.model.video.drop_ratio == 0.25

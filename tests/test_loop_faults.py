@@ -124,9 +124,10 @@ from pretrain.trainer import build_scheduler  # noqa: E402
 
 @pytest.mark.parametrize("schedule, want", [
     (["train.min_lr_ratio=0.1"], {0: 0.5, 1: 1.0, 6: 0.1 + 0.9 * 0.5, 10: 0.1, 12: 0.1}),  # cosine over steps 2..10
+    (["train.schedule=linear", "train.min_lr_ratio=0.2"], {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.8, 6: 0.6, 10: 0.2, 12: 0.2}),
     (["train.schedule=step", "train.decay_every=3", "train.decay_factor=0.5"], {0: 0.5, 1: 1.0, 2: 1.0, 3: 0.5, 8: 0.25}),
 ])
-def test_lr_schedule_warms_up_then_decays_by_cosine_or_by_steps(schedule, want):
+def test_lr_schedule_warms_up_then_decays_by_cosine_linearly_or_by_steps(schedule, want):
     cfg = load_config(None, ["train.steps=10", "train.warmup_steps=2", "train.lr=1.0", *schedule])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(opt, cfg.train)
