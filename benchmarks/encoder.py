@@ -20,6 +20,10 @@ merging (`pretrain.flops.full_attention`). Every number is reported as preset / 
    (`echo 5 > /proc/self/clear_refs`), run the passes, read the peak (VmHWM). The difference is
    what the forward pass added on top of weights and input (activations, allocator and kernel
    scratch, one-time kernel set-up), and no configuration inherits another's high-water mark.
+STGT also runs a third variant, its graph attention in the dense (T*N)^2 form (`GraphAttention(banded=False)`,
+the form before issue 14), with the same three measurements, in a table of its own: banded / full attention and
+banded / dense, latency ratios next to GFLOPs ratios, and issue 14's targets at 128 frames (peak memory at
+most 1.2x full attention's and at most 0.5x the dense form's).
 Before a configuration is launched its activation peak is estimated on the meta device (the most
 bytes held by live tensors during the forward pass); above --mem-budget-gib (default: half of the
 memory available at the start) or above --max-gflops it is skipped, and its cell says what it
@@ -28,6 +32,7 @@ would have needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -42,9 +47,11 @@ from common import default_out, describe, load, machine, markdown, meminfo_gib, 
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from pretrain import attention, htwa  # noqa: E402
+from pretrain.attention import GraphAttention  # noqa: E402
 from pretrain.flops import INPUT_SIZE, full_attention, measure  # noqa: E402
 from pretrain.video_encoder import VideoEncoder, VideoEncoderConfig, preset_values  # noqa: E402
 
@@ -59,6 +66,13 @@ def config(preset: str, frames: int, full: bool) -> VideoEncoderConfig:
     cfg = VideoEncoderConfig(**preset_values(preset))
     cfg = full_attention(cfg) if full else cfg
     return replace(cfg, max_frames=max(cfg.max_frames, frames))
+
+
+def use_dense_graph(enc: VideoEncoder) -> None:
+    """STGT's graph attention in its dense (T*N)^2 form, the one before issue 14's banded form."""
+    for m in enc.modules():
+        if isinstance(m, GraphAttention):
+            m.banded = False
 
 
 def clear_shape_caches() -> None:
@@ -92,18 +106,24 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def count(cfg: VideoEncoderConfig, frames: int, size: tuple[int, int]) -> dict:
-    """GFLOPs, tokens per stage and an activation-peak estimate, all on the meta device (nothing allocated)."""
+def count(cfg: VideoEncoderConfig, frames: int, size: tuple[int, int], dense_graph: bool = False) -> dict:
+    """GFLOPs, tokens per stage and an activation-peak estimate, all on the meta device (nothing allocated).
+    dense_graph: STGT's graph attention in its dense form (`measure` builds the default, banded, encoder, so
+    the dense form's GFLOPs are counted here)."""
     try:
         with torch.device("meta"):  # STGT's frame band and HTWA's masks are built in forward: keep them on meta
             gflops, tokens = measure(cfg, frames, size, CLIPS)
             enc = VideoEncoder(cfg)
+            if dense_graph:
+                use_dense_graph(enc)
             video = torch.empty(1, frames, 3, *size)
             depth = torch.empty(1, frames, *size) if enc.uses_depth else None
-            with torch.no_grad(), LiveBytes() as live:
+            flops = FlopCounterMode(display=False) if dense_graph else contextlib.nullcontext()
+            with torch.no_grad(), flops, LiveBytes() as live:
                 enc(video, num_clips=CLIPS, depth=depth)
     finally:
         clear_shape_caches()
+    gflops = flops.get_total_flops() / 1e9 if dense_graph else gflops
     return {"gflops": gflops, "tokens": tokens, "est_act_gib": live.peak / 2**30}
 
 
@@ -137,6 +157,8 @@ def child(spec: dict) -> dict:
     cfg, T, S = VideoEncoderConfig(**spec["cfg"]), spec["frames"], spec["size"]
     torch.manual_seed(0)
     enc = VideoEncoder(cfg).eval()
+    if spec.get("dense_graph"):
+        use_dense_graph(enc)
     video = torch.randint(0, 256, (1, T, 3, S, S)).float()
     depth = torch.rand(1, T, S, S) if enc.uses_depth else None
     before = reset_peak_rss()
@@ -153,8 +175,9 @@ def child(spec: dict) -> dict:
             "latency_all_ms": [round(1000 * w, 2) for w in wall], "peak_mib": (after - before) / 1024}
 
 
-def run_child(cfg: VideoEncoderConfig, frames: int, p: dict, args) -> dict:
-    spec = {"cfg": asdict(cfg), "frames": frames, "size": p["size"], "reps": p["reps"], "threads": args.threads}
+def run_child(cfg: VideoEncoderConfig, frames: int, p: dict, args, dense_graph: bool = False) -> dict:
+    spec = {"cfg": asdict(cfg), "frames": frames, "size": p["size"], "reps": p["reps"], "threads": args.threads,
+            "dense_graph": dense_graph}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
                           capture_output=True, text=True, timeout=args.child_timeout)
     if proc.returncode != 0:
@@ -163,19 +186,23 @@ def run_child(cfg: VideoEncoderConfig, frames: int, p: dict, args) -> dict:
 
 
 def measure_small(small: str, frames: int, p: dict, args, cache: dict) -> dict:
-    """Counts and measurements of one *_small preset and its full-attention baseline, one after the other."""
+    """Counts and measurements of one *_small preset and its full-attention baseline, one after the other; for
+    STGT then its dense graph attention."""
     out = {}
-    for variant, full in (("preset", False), ("full", True)):
+    variants = [("preset", False, False), ("full", True, False)]
+    if "graph" in config(small, frames, False).attention:
+        variants.append(("dense", False, True))
+    for variant, full, dense in variants:
         cfg = config(small, frames, full)
-        key = (json.dumps(asdict(cfg), sort_keys=True), frames)  # lfvila_small's baseline is full_small
+        key = (json.dumps(asdict(cfg), sort_keys=True), frames, dense)  # lfvila_small's baseline is full_small
         if key not in cache:
-            c = count(cfg, frames, (p["size"], p["size"]))
+            c = count(cfg, frames, (p["size"], p["size"]), dense)
             if c["est_act_gib"] > args.mem_budget_gib:
                 c["skipped"] = f"skipped (would need ~{c['est_act_gib']:.1f} GiB, budget {args.mem_budget_gib:.1f})"
             elif c["gflops"] > args.max_gflops:
                 c["skipped"] = f"skipped ({c['gflops']:.0f} GFLOPs > --max-gflops {args.max_gflops:g})"
             else:
-                c.update(run_child(cfg, frames, p, args))
+                c.update(run_child(cfg, frames, p, args, dense))
             cache[key] = c
         out[variant] = cache[key]
     return out
@@ -198,6 +225,15 @@ def rows_for(method: str, preset: str, frames: int, size: tuple[int, int], got: 
     for variant, r in (("", a), ("full_", b)):
         if "skipped" in r:
             row[variant + "skipped"] = r["skipped"]
+    if "dense" in got:  # STGT: the same numbers for the dense graph attention, ratios = banded / dense
+        c = got["dense"]
+        row.update(dense_gflops=c["gflops"], dense_est_act_gib=c["est_act_gib"],
+                   dense_gflops_ratio=ratio(a["gflops"], c["gflops"]))
+        for key in ("latency_ms", "cpu_ms", "peak_mib"):
+            row["dense_" + key] = c.get(key)
+            row["dense_" + key.split("_")[0] + "_ratio"] = ratio(a.get(key), c.get(key))
+        if "skipped" in c:
+            row["dense_skipped"] = c["skipped"]
     return row
 
 
@@ -209,6 +245,49 @@ def cell(value, full, r, fmt: str, skipped: tuple) -> str:
     if value is None or full is None:
         return next(s for s in skipped if s) if any(skipped) else "-"
     return f"{value:{fmt}} / {full:{fmt}}" + (f" = **{r:.2f}**" if r is not None else "")
+
+
+def triple(r: dict, key: str, fmt: str) -> str:
+    values = (r.get(key), r.get("full_" + key), r.get("dense_" + key))
+    return " / ".join("-" if v is None else f"{v:{fmt}}" for v in values)
+
+
+def ratios(r: dict, prefix: str) -> str:
+    return " / ".join("-" if r.get(prefix + k) is None else f"{r[prefix + k]:.2f}"
+                      for k in ("gflops_ratio", "latency_ratio", "peak_ratio"))
+
+
+def stgt_table(rows: list[dict]) -> str:
+    """Banded graph attention against full attention and against the dense form; issue 14's targets at 128 frames."""
+    stgt = [r for r in rows if r["scale"] == "small" and "dense_gflops" in r]
+    if not stgt:
+        return ""
+    skipped = [f"{r['frames']} frames: {r[k]}" for r in stgt for k in ("skipped", "full_skipped", "dense_skipped")
+               if k in r]
+    out = ["STGT (`stgt_small`): banded graph attention (the preset) / full attention / dense (T*N)^2 graph "
+           "attention (`banded=False`), same runs as above; ratios are banded / full and banded / dense.", "",
+           markdown(["frames", "GFLOPs", "latency ms (wall)", "CPU ms", "peak MiB",
+                     "banded / full: GFLOPs, latency, peak", "banded / dense: GFLOPs, latency, peak"],
+                    [[r["frames"], triple(r, "gflops", ".2f"), triple(r, "latency_ms", ".0f"),
+                      triple(r, "cpu_ms", ".0f"), triple(r, "peak_mib", ".0f"), ratios(r, ""), ratios(r, "dense_")]
+                     for r in stgt])]
+    if skipped:
+        out += ["", "Not run: " + "; ".join(skipped)]
+    target = stgt_targets(rows)
+    if target:
+        out += ["", f"Targets (issue 14) at 128 frames: peak memory banded / full = {target['vs_full']:.2f} (at most "
+                f"1.2: {'met' if target['vs_full_met'] else 'not met'}), banded / dense = {target['vs_dense']:.2f} "
+                f"(at most 0.5: {'met' if target['vs_dense_met'] else 'not met'})."]
+    return "\n".join(out)
+
+
+def stgt_targets(rows: list[dict]) -> dict | None:
+    """Issue 14: stgt_small's peak memory at 128 frames at most 1.2x full attention's and 0.5x the dense form's."""
+    at = next((r for r in rows if r["scale"] == "small" and r["frames"] == 128 and "dense_gflops" in r), None)
+    if not at or at.get("peak_ratio") is None or at.get("dense_peak_ratio") is None:
+        return None
+    full, dense = at["peak_ratio"], at["dense_peak_ratio"]
+    return {"frames": 128, "vs_full": full, "vs_full_met": full <= 1.2, "vs_dense": dense, "vs_dense_met": dense <= 0.5}
 
 
 def tables(rows: list[dict], p: dict, args) -> str:
@@ -236,7 +315,8 @@ def tables(rows: list[dict], p: dict, args) -> str:
                                                                        ".1f", ()),
                            f"{r['est_act_gib']:.2f} / {r['full_est_act_gib']:.2f}", tokens_cell(r["tokens"]),
                            tokens_cell(r["full_tokens"])] for r in paper])]
-    return "\n".join(out)
+    stgt = stgt_table(rows)
+    return "\n".join(out + (["", stgt] if stgt else []))
 
 
 def main(argv=None) -> int:
@@ -282,7 +362,7 @@ def main(argv=None) -> int:
                "seconds": round(time.perf_counter() - started, 1), "settings": {**p, "threads": args.threads,
                "clips": CLIPS, "mem_budget_gib": args.mem_budget_gib, "max_gflops": args.max_gflops,
                "baseline": "pretrain.flops.full_attention(preset): every stage full attention, no merging"},
-               "rows": rows}
+               "stgt_targets": stgt_targets(rows), "rows": rows}
     write_json(out, payload)
     print(text)
     print(f"\nwritten: {out}")

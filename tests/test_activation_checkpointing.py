@@ -162,18 +162,6 @@ def test_the_key_reaches_both_encoders_and_is_validated():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("synth")
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--videos", "16", "--val-videos", "8",
-                    "--seed", "3", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO,
-                   capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def zero3_without(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("zero3_without")
     launch(run, data, 2, "train.eval_at_end=false", "train.save_every=0",

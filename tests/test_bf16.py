@@ -14,14 +14,6 @@ from pretrain.config import ConfigError, load_config
 from test_pretrain_e2e import REPO, launch, metrics
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--videos", "16", "--val-videos", "8",
-                    "--seed", "3", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO,
-                   capture_output=True)
-    return out
-
 
 def is_bf16(value: float) -> bool:
     return float(torch.tensor(value).bfloat16()) == value

@@ -348,21 +348,14 @@ def test_a_renamed_tensor_is_named_before_launch(tmp_path, capsys):
     assert "encoder.layers.1.blocks.0.attention.self.query.weight" in err and "query.weigth" in err
 
 
-def test_a_two_rank_run_starts_from_the_image_model_and_reports_the_mapping(tmp_path):
+def test_a_two_rank_run_starts_from_the_image_model_and_reports_the_mapping(tmp_path, data):
     """pretrain/run.py on 2 ranks from a tiny Swin: RUN/image_init.json lists the mapping, and after one step at a
     learning rate of 1e-9 the checkpoint's encoder weights are the inflated image weights."""
-    import subprocess
-    import sys
-
-    from test_pretrain_e2e import REPO, launch
+    from test_pretrain_e2e import launch
 
     from pretrain.weights import read_state_dict
 
     tiny_swin(tmp_path / "swin")
-    data = tmp_path / "synth"
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(data), "--videos", "8", "--val-videos", "4",
-                    "--seed", "3", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO,
-                   timeout=300)
     run = tmp_path / "run"
     launch(run, data, 1, f"model.video.init_image={tmp_path / 'swin'}", "train.lr=1e-9", "train.text_lr=1e-9",
            "train.warmup_steps=0", "train.eval_at_end=false", "train.save_every=1")

@@ -75,13 +75,6 @@ def metrics(run_dir):
     return [json.loads(line) for line in complete_lines(Path(run_dir) / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--videos", "16", "--val-videos", "8",
-                    "--seed", "3", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO)
-    return out
-
 
 def test_train_save_resume_continues_exactly(data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"

@@ -18,14 +18,6 @@ from test_pretrain_e2e import REPO, TINY, free_port, launch, metrics
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--videos", "16", "--val-videos", "8",
-                    "--seed", "3", "--per-shard", "4", "--size", "32", "--event-seconds", "1.0"], check=True, cwd=REPO,
-                   capture_output=True)
-    return out
-
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
