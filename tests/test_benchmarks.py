@@ -38,6 +38,10 @@ def test_encoder_quick(tmp_path):
         assert r["peak_mib"] >= 0 and r["full_peak_mib"] >= 0
     testa = {r["frames"]: r for r in rows if r["method"] == "TESTA"}
     assert all(r["tokens"][-1] < r["full_tokens"][-1] for r in testa.values())  # TESTA merges tokens away
+    stgt = [r for r in rows if r["method"] == "STGT"]  # and the dense graph attention, STGT only
+    assert all("dense_gflops" not in r for r in rows if r["method"] != "STGT")
+    for r in stgt:
+        assert r["dense_gflops"] >= r["gflops"] and positive(r["dense_latency_ratio"]) and r["dense_peak_mib"] >= 0, r
 
 
 def test_encoder_counts_stay_on_meta_and_htwa_beats_full_attention_at_128_frames():
@@ -92,3 +96,137 @@ def test_projection_counts_frozen_parts_forward_only():
     stage2 = projection.count("lfvila_stage2")
     assert stage2["frozen_gflops"] == pytest.approx(stage2["video_gflops"] + stage2["text_gflops"])
     assert stage2["trained_gflops"] == pytest.approx(stage2["fusion_gflops"]) and stage2["fusion_gflops"] > 0
+
+
+def load_training():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import training
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return training
+
+
+def test_training_variants_are_deepspeed_configs_with_their_one_change(tmp_path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from pretrain.backends import build_ds_config
+    from pretrain.config import load_config
+
+    training = load_training()
+    cfg = load_config(REPO / "pretrain/configs/demo.yaml")
+    for name, run in training.RUNS.items():
+        if run.ds:
+            ds = build_ds_config(cfg, 2, training.ds_config(name, tmp_path))
+            zero = DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed refuses a misspelt key
+            assert all(getattr(zero, k) == v for k, v in run.zero.items()), name
+    assert set(training.GROUPS["settings"]) < set(training.RUNS) and "zero2_bf16" not in training.GROUPS["settings"]
+
+
+def test_training_quick_repeats_in_rotated_rounds_with_a_bf16_ratio(tmp_path):
+    result = run("training.py", tmp_path / "training.json", "--workdir", str(tmp_path / "work"),
+                 "--runs", "zero2", "zero2_bf16", "--repeats", "2", timeout=900)  # 4 launches
+    runs = result["results"]
+    assert list(runs) == ["zero2", "zero2_bf16"] and result["settings"]["repeats"] == 2
+    for r in runs.values():
+        assert [launch["round"] for launch in r["launches"]] == [0, 1] and r["overhead_vs_ddp"] is None  # no DDP
+        s = r["vs_zero2_spread"]
+        assert len(s["values"]) == 2 and s["min"] <= s["median"] <= s["max"] and all(map(positive, s["values"]))
+        assert r["final_losses"][0] == pytest.approx(r["final_losses"][1], rel=1e-6)  # a launch repeats exactly
+    assert runs["zero2"]["vs_zero2_spread"]["values"] == [1.0, 1.0]
+    bf16, fp32 = runs["zero2_bf16"]["launches"], runs["zero2"]["launches"]
+    assert result["bf16_vs_fp32"]["values"] == pytest.approx([a["samples_per_s"] / b["samples_per_s"]
+                                                             for a, b in zip(bf16, fp32)])  # paired by round
+    assert runs["zero2_bf16"]["final_loss"] != runs["zero2"]["final_loss"]  # bf16 did run
+    assert runs["zero2_bf16"]["final_loss"] == pytest.approx(runs["zero2"]["final_loss"], rel=0.05)
+
+
+def test_training_quick_profile_breaks_down_ddp_and_zero2_steps(tmp_path):
+    result = run("training.py", tmp_path / "training.json", "--workdir", str(tmp_path / "work"), "--profile",
+                 timeout=900)  # default under --profile: DDP and ZeRO-2
+    rows = result["profile"]["rows"]
+    assert list(rows) == ["ddp", "zero2"]
+    for r in rows.values():  # disjoint ranges inside the step: they cannot add up to more than it
+        pieces = (r["data (loader)"] + r["forward: model"] + r["forward: DDP / engine wrapper"]
+                  + r["loss.backward (compute, gradient hooks)"] + r["end-of-backward reduce (ZeRO epilogue)"]
+                  + r["optimizer phase (after backward)"])
+        assert 0 < pieces <= 1.001 * r["whole step"]
+        assert r["forward: model"] > 0 and r["loss.backward (compute, gradient hooks)"] > 0 and r["  AdamW"] > 0
+    assert rows["ddp"]["  parameter all-gather (ZeRO)"] == rows["ddp"]["end-of-backward reduce (ZeRO epilogue)"] == 0
+    zero2 = rows["zero2"]
+    assert zero2["  parameter all-gather (ZeRO)"] > 0 and zero2["end-of-backward reduce (ZeRO epilogue)"] > 0
+
+
+def test_dropping_quick(tmp_path):
+    result = run("dropping.py", tmp_path / "dropping.json", "--data", str(tmp_path / "data"), timeout=900)
+    timing, comp = result["timing"], result["compare"]
+    assert list(timing) == list(comp) == ["0.0", "0.5", "0.75"] and result["settings"]["preset"] == "full_small"
+    # 32x32 frames: 4x4 patches, dropped in 2x2 blocks (full_small merges 2x2 once): 4 blocks, 2 kept, 1 kept
+    assert [timing[r]["patches_per_frame"] for r in timing] == [16, 8, 4]
+    passes = result["settings"]["timing_passes"] * result["settings"]["timing_batches"]
+    for r, c in comp.items():
+        assert positive(timing[r]["encoder_samples_per_s"]) and positive(timing[r]["whole_samples_per_s"])
+        assert len(timing[r]["passes"]["encoder"]) == len(timing[r]["passes"]["whole"]) == passes
+        assert len(c["R1_per_seed"]) == 2 and all(0 <= x <= 100 for x in c["R1_per_seed"])
+    assert comp["0.0"]["encoder_speedup"] == 1.0 and comp["0.0"]["R1_within_seed_spread"] is None
+    assert isinstance(comp["0.5"]["R1_within_seed_spread"], bool)
+    assert result["target"]["met"] == (comp["0.5"]["encoder_speedup"] >= 1.6)
+
+
+def load_benchmark(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_encoder_counts_dense_graph_attention_quadratic_in_frames():
+    encoder = load_benchmark("encoder")
+    cfg = encoder.config("stgt_small", 128, False)
+    banded, dense = (encoder.count(cfg, 128, (64, 64), d) for d in (False, True))
+    assert dense["gflops"] > 1.5 * banded["gflops"] and dense["est_act_gib"] > 4 * banded["est_act_gib"]
+    assert dense["tokens"] == banded["tokens"]
+
+
+def test_memory_quick(tmp_path):
+    result = run("memory.py", tmp_path / "memory.json", "--presets", "lfvila_small", "--variants", "ckpt", "drop")
+    by = {r["variant"]: r for r in result["results"]}
+    assert list(by) == ["base", "ckpt", "drop"] and by["drop"]["skipped"] == "n/a (htwa)"
+    limit, sweep = result["settings"]["max_frames"], result["settings"]["frames"]
+    for v in ("base", "ckpt"):
+        r = by[v]
+        assert r["frame_step"] == 16 and r["max_frames"] % 16 == 0 and 0 <= r["max_frames"] <= limit
+        probes = {x["frames"]: x for x in r["probes"]}
+        assert set(sweep) <= set(probes)
+        assert all(positive(x["peak_mib"]) and positive(x["step_mib"]) for x in probes.values()), probes
+        fit = [t for t, x in probes.items() if x["peak_mib"] <= 1024 * result["settings"]["budget_gib"]]
+        assert r["max_frames"] == max(fit, default=0)
+    assert by["ckpt"]["max_frames"] >= by["base"]["max_frames"]  # memory, not time: robust under load
+    assert result["target"]["met"] == (by["ckpt"]["max_frames"] >= 2 * by["base"]["max_frames"] > 0)
+
+
+def test_memory_search_doubles_then_bisects_over_the_frame_step(monkeypatch):
+    memory = load_benchmark("memory")
+    calls = []
+
+    def fake(preset, variant, frames, p, args):  # 1 MiB per frame; a probe of more than `slow` frames times out
+        calls.append(frames)
+        return {"frames": frames, "timeout": True} if frames > slow else {"frames": frames, "peak_mib": float(frames)}
+
+    monkeypatch.setattr(memory, "probe", fake)
+    p = dict(size=64, budget_gib=100 / 1024, start=16, max_frames=1024)
+    slow = 10**6
+    got = memory.search("stgt_small", "base", p, None, {})  # frames step 4
+    assert (got["max_frames"], got["limit"], got["frame_step"]) == (100, "budget", 4)
+    assert calls == [16, 32, 64, 128, 96, 112, 104, 100]
+    calls.clear()
+    assert memory.search("lfvila_small", "base", p, None, {})["max_frames"] == 96  # HTWA: multiples of 16
+    assert calls == [16, 32, 64, 128, 96, 112]
+    got = memory.search("stgt_small", "base", {**p, "budget_gib": 10.0, "max_frames": 300}, None, {})
+    assert (got["max_frames"], got["limit"]) == (300, "max frames")  # 16 ... 256, then 300 itself
+    slow, calls[:] = 40, []
+    got = memory.search("stgt_small", "base", p, None, {})
+    assert (got["max_frames"], got["limit"], calls) == (32, "time", [16, 32, 64])  # no bisection after a timeout
+    assert memory.not_applicable("lfvila_small", "drop", 64) == "n/a (htwa)"
+    assert memory.not_applicable("stgt_small", "drop", 64) is None
