@@ -135,6 +135,7 @@ def config_error(preset: str, frames: int, size: int, drop_ratio: float = 0.0) -
         return f"{frames} frames do not split into {CLIPS} clips"
     try:
         load_config(None, [f"model.video.preset={preset}", f"model.video.max_frames={frames}",
+                           "model.loss.mtc_weight=0",  # the encoder's step alone: TESTA merges frames, no clip loss
                            f"model.video.drop_ratio={drop_ratio}", f"data.num_clips={CLIPS}",
                            f"data.frames_per_clip={frames // CLIPS}", f"data.size={size}"])
     except (ConfigError, ValueError) as e:

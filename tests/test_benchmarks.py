@@ -230,3 +230,15 @@ def test_memory_search_doubles_then_bisects_over_the_frame_step(monkeypatch):
     assert (got["max_frames"], got["limit"], calls) == (32, "time", [16, 32, 64])  # no bisection after a timeout
     assert memory.not_applicable("lfvila_small", "drop", 64) == "n/a (htwa)"
     assert memory.not_applicable("stgt_small", "drop", 64) is None
+
+
+def test_memory_frame_steps_exist_for_every_small_preset():
+    """The frame search finds valid counts for every CPU preset (TESTA's merged frames once left it none)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import memory
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    steps = {p: memory.frame_step(p, 64) for p in ("lfvila_small", "testa_small", "stgt_small", "dast_small", "full_small")}
+    assert steps["lfvila_small"] == 16 and all(s % 4 == 0 for s in steps.values())
