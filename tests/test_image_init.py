@@ -218,6 +218,12 @@ SMALL = {  # the CPU presets, each from a tiny image model of its paper's family
     "stgt_small": ("Blip2VisionModel", "Blip2VisionConfig", dict(image_size=64, patch_size=8, hidden_size=64,
                                                                  num_hidden_layers=2, num_attention_heads=2,
                                                                  intermediate_size=256)),
+    # any ViT family fits a ViT-family preset: CLIP into TESTA's, a plain ViT into STGT's
+    "testa_small/clip": ("CLIPVisionModel", "CLIPVisionConfig", dict(image_size=64, patch_size=8, hidden_size=96,
+                                                                     num_hidden_layers=4, num_attention_heads=4,
+                                                                     intermediate_size=384)),
+    "stgt_small/vit": ("ViTModel", "ViTConfig", dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=256)),
 }
 
 
@@ -230,7 +236,7 @@ def test_the_small_presets_load_a_tiny_image_model_of_their_family(tmp_path, pre
     model_cls, config_cls, kw = SMALL[preset]
     torch.manual_seed(0)
     getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).save_pretrained(tmp_path)
-    cfg = VideoEncoderConfig(**{**preset_values(preset), **family_keys(read_image_model(tmp_path))})
+    cfg = VideoEncoderConfig(**{**preset_values(preset.split("/")[0]), **family_keys(read_image_model(tmp_path))})
     enc = VideoEncoder(cfg)
     report = load_image(enc, tmp_path)
     expected = ("beyond", "pooler", "final width differs")
