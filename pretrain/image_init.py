@@ -323,10 +323,6 @@ class Plan:
         self.report.new[target] = reason
 
 
-def _first(tensors: dict, *keys: str) -> str:
-    return next((k for k in keys if k in tensors), keys[0])
-
-
 def _vit_block(img: ImageModel, tensors: dict, k: int) -> dict[str, tuple[list[str], Make]]:
     """Image layer k of a ViT family as {our name: (checkpoint keys, make)}: ln1, qkv, proj, ln2, fc1, fc2."""
     fam = img.family
