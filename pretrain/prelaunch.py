@@ -6,6 +6,8 @@ missing or unreadable config or `base:` file, a bad key or value, a missing or b
 "data error: ..." (shard sets, checked through the configured storage so `data.s3_endpoint` is
 honoured; label files) or "input error: ..." (`--init` / `model.init_from`; a run folder that holds
 another run's checkpoints without --resume).
+
+With fewer train shards than readers (ranks x data.num_workers) one line on stdout says how they share them.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, resolve
 from pretrain.image_init import ImageInitError, load_image
 from pretrain.trainer import check_run_dir
 from pretrain.weights import WeightsError, check_source
+from shards.loader import describe_readers
 from shards.preflight import MissingInput, require_file, require_shards
 
 BAD_INPUT = 2  # exit code: a pre-launch check failed
@@ -48,6 +51,8 @@ def check_inputs(cfg: Config, ds: tuple[str, str] | None, shard_sets: Sequence[s
     with reported_as("data error"):
         for key in shard_sets:
             require_shards(_get(cfg, key), str(REPO_ROOT), cfg.data.storage, what=key)
+            if key == "data.train_shards":
+                report_readers(cfg)
         for key in label_files:
             if _get(cfg, key):
                 require_file(resolve_path(_get(cfg, key)), f"label file ({key})", cfg.data.storage)
@@ -58,6 +63,17 @@ def check_inputs(cfg: Config, ds: tuple[str, str] | None, shard_sets: Sequence[s
             raise MissingInput(f"{init_key}: {e}") from None
     if cfg.model.video.init_image:
         check_image(cfg)
+
+
+def report_readers(cfg: Config) -> None:
+    """With fewer train shards than readers (WORLD_SIZE ranks x data.num_workers), one line on stdout (from rank 0)
+    saying how the readers share them, or that the split has too few samples for them (the loader refuses it)."""
+    try:
+        line = describe_readers(cfg.data, int(os.environ.get("WORLD_SIZE", "1")), str(REPO_ROOT))
+    except ValueError as e:
+        line = f"{e} (the train loader will refuse it)"
+    if line and int(os.environ.get("RANK", "0")) == 0:
+        print(f"data.train_shards: {line}")
 
 
 def check_image(cfg: Config) -> None:

@@ -1,15 +1,15 @@
 """`python -m shards COMMAND ...`: one subcommand per module, each adds its own parser.
 
 Exit codes: 0 done; 1 the command ran and found a problem (`verify`: bad samples; `build`, `manifest`:
-nothing written); 2 an input is missing, unreadable or malformed (one line on stderr naming it, no
-traceback; checked before any work starts) or the command line is wrong.
+nothing written; `index`: parts missing or unfinished); 2 an input is missing, unreadable or malformed
+(one line on stderr naming it, no traceback; checked before any work starts) or the command line is wrong.
 """
 
 import argparse
 import logging
 import sys
 
-from shards import adapters, build, stats, synth, verify
+from shards import adapters, build, index, stats, synth, verify
 from shards.preflight import MissingInput
 
 INPUT_ERROR = 2
@@ -18,7 +18,7 @@ INPUT_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shards", description="Write and check video-text shards.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (synth, adapters, build, verify, stats):
+    for module in (synth, adapters, build, index, verify, stats):
         module.add_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

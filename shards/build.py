@@ -8,6 +8,10 @@ which S3 shows only once complete); then a line goes into build.jsonl (the journ
 each shard holds, which were skipped and why). A re-run reads the journal and continues after the
 last finished shard; index.json is written last. A video that cannot be used is skipped and
 reported, never fatal; a malformed manifest line stops the build before any work.
+
+`--part I/N` builds only part I (0-based) of N: the contiguous manifest records [I*n//N, (I+1)*n//N),
+into NAME-pIIIIofNNNN-%06d.tar with its own journal build-pIIIIofNNNN.jsonl (same resume), and no
+index.json: once every part is done, `python -m shards index OUT` (shards/index.py) writes it.
 """
 
 import argparse
@@ -16,7 +20,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,6 +38,41 @@ from shards.video import EmptyVideoError
 
 log = logging.getLogger("shards")
 JOURNAL = "build.jsonl"
+PART_JOURNAL = re.compile(r"build-p(\d{4,})of(\d{4,})\.jsonl")
+
+
+@dataclass(frozen=True, order=True)
+class Part:
+    """Part `index` (0-based) of `count`: the contiguous manifest records [index*n//count, (index+1)*n//count),
+    so the parts in order hold exactly the records of a single-machine build, in its order."""
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"--part must be I/N with 0 <= I < N, got {self.index}/{self.count}")
+
+    @property
+    def tag(self) -> str:  # p0003of0016: in its shard names and journal name, so parts never collide
+        return f"p{self.index:04d}of{self.count:04d}"
+
+    def records(self, n: int) -> tuple[int, int]:
+        return self.index * n // self.count, (self.index + 1) * n // self.count
+
+
+def journal_name(part: Part | None) -> str:
+    return JOURNAL if part is None else f"build-{part.tag}.jsonl"
+
+
+def part_journals(names: list[str]) -> dict[Part, str]:
+    """The part journals among a folder's file names, by part."""
+    return {Part(int(m[1]), int(m[2])): name for name in names if (m := PART_JOURNAL.fullmatch(name))}
+
+
+def same_build(a: dict | None, b: dict | None, ignore: tuple[str, ...] = ("manifest", "part", "records")) -> bool:
+    """Two journal headers describe the same build (manifest bytes, settings); by default parts of it may differ."""
+    strip = lambda h: {k: v for k, v in h.items() if k not in ignore} if isinstance(h, dict) else h  # noqa: E731
+    return strip(a) == strip(b)
 
 
 @dataclass(frozen=True)
@@ -144,8 +185,8 @@ class Packer:
     """Collects prepared samples into the current shard; `flush` writes it and journals it."""
 
     def __init__(self, out: str, settings: BuildSettings, storage: Storage, journal: "Journal", next_shard: int,
-                 tmp: str):
-        self.out, self.settings, self.storage, self.journal = out, settings, storage, journal
+                 tmp: str, stem: str):
+        self.out, self.settings, self.storage, self.journal, self.stem = out, settings, storage, journal, stem
         self.shard, self.tmp = next_shard, tmp
         self.samples: list[Prepared] = []
         self.sizes: list[int] = []
@@ -168,7 +209,7 @@ class Packer:
         """Write the current shard (if any), then journal it with the records up to `cursor`."""
         entry: dict = {"records_end": cursor, "skipped": self.skipped}
         if self.samples:
-            name = f"{self.settings.name}-{self.shard:06d}.tar"
+            name = f"{self.stem}-{self.shard:06d}.tar"
             members: dict = {}
             for p in self.samples:
                 members[f"{p.key}.mp4"] = p.video
@@ -193,18 +234,34 @@ class Packer:
         self.samples, self.sizes, self.skipped = [], [], []
 
 
-class Journal:
-    """build.jsonl: a header line, then one line per finished shard; rewritten whole (object stores cannot append)."""
+def read_journal(url: str, storage: Storage) -> list[dict]:
+    """A journal's lines: the header line, then the entries. Remote ones are read whole in one request:
+    another part may be rewriting its journal right now, and a reader opened through s3fs pins the ETag
+    of an earlier listing of the folder, so it would fail on every retry once the object changed."""
+    if is_url(url):
+        data = storage.retry(f"read {url}", storage.fs(url).cat_file, url)
+    else:
+        data = storage.read_bytes(url)
+    return [json.loads(x) for x in data.decode().splitlines() if x.strip()]
 
-    def __init__(self, out: str, storage: Storage, header: dict):
-        self.url, self.storage = join(out, JOURNAL), storage
+
+class Journal:
+    """build.jsonl (a part's: build-pIIIIofNNNN.jsonl): a header line, then one line per finished shard;
+    rewritten whole (object stores cannot append)."""
+
+    def __init__(self, out: str, storage: Storage, header: dict, name: str = JOURNAL):
+        self.name, self.url, self.storage = name, join(out, name), storage
         self.lines = [{"header": header}]
         if storage.exists(self.url):
-            old = [json.loads(x) for x in storage.read_bytes(self.url).decode().splitlines() if x.strip()]
-            if old[0].get("header") != header:
+            old = read_journal(self.url, storage)
+            if not same_build(old[0].get("header"), header, ignore=("manifest",)):  # the same file, spelt otherwise
                 raise SystemExit(f"{out} holds a build of another manifest or other settings ({self.url}); "
                                  "build into a new folder, or delete this one first")
             self.lines = old
+
+    @property
+    def header(self) -> dict:
+        return self.lines[0]["header"]
 
     @property
     def entries(self) -> list[dict]:
@@ -212,39 +269,48 @@ class Journal:
 
     def append(self, entry: dict) -> None:
         self.lines.append(entry)
+        self.save()
+
+    def save(self) -> None:
         self.storage.write_bytes(self.url, "".join(json.dumps(x) + "\n" for x in self.lines).encode())
 
 
 def build(manifest: str, out: str, settings: BuildSettings, workers: int = 1, storage: Storage = Storage(),
-          tmp_root: str | None = None, progress: bool = True) -> dict:
-    """Build (or finish building) the shard set; returns its index."""
+          tmp_root: str | None = None, progress: bool = True, part: Part | None = None) -> dict:
+    """Build (or finish building) the shard set, or only `part` of it; returns its index (a part's is
+    not written: `python -m shards index` merges the parts' journals)."""
     records, digest = read_manifest(manifest, storage)
+    start, end = part.records(len(records)) if part else (0, len(records))
     header = {"format": fmt.FORMAT_VERSION, "manifest_sha256": digest, "settings": asdict(settings)}
+    if part:
+        header |= {"part": [part.index, part.count], "records": [start, end], "manifest": manifest}
     if not is_url(out):
         os.makedirs(out, exist_ok=True)
-    if not storage.exists(join(out, JOURNAL)) and any(n == fmt.INDEX or n.endswith(".tar")
-                                                      for n in (storage.listdir(out) if storage.isdir(out) else [])):
-        raise SystemExit(f"{out} already holds shards that this builder did not make; choose another --out")
-    journal = Journal(out, storage, header)
-    if journal.entries and journal.entries[-1].get("done") and storage.exists(join(out, fmt.INDEX)):
-        log.info("%s is complete (%s); nothing to do", out, JOURNAL)
-        return fmt.read_index(out, storage)
-    _drop_stale_temp_files(out)
+    check_out(out, storage, header, part)
+    journal = Journal(out, storage, header, journal_name(part))
+    if part and not journal.entries:
+        journal.save()  # before its first shard: a part starting later sees a build in parts here, not strangers
+    done = journal.entries and journal.entries[-1].get("done")
+    if done and (part or storage.exists(join(out, fmt.INDEX))):
+        log.info("%s is complete (%s); nothing to do", out if part is None else f"part {part.tag}", journal.name)
+        return fmt.read_index(out, storage) if part is None else make_index(journal.entries, journal.header, manifest)
+    stem = settings.name if part is None else f"{settings.name}-{part.tag}"
+    _drop_stale_temp_files(out, None if part is None else (f"{stem}-", journal.name))
     shards = [e for e in journal.entries if "shard" in e]
     existing = set(storage.listdir(out)) if storage.isdir(out) else set()
     missing = [e["shard"] for e in shards if e["shard"] not in existing]
     if missing:
-        raise SystemExit(f"{JOURNAL} lists {missing[0]} but it is gone from {out}; delete the folder and rebuild")
-    cursor = journal.entries[-1]["records_end"] if journal.entries else 0
-    if cursor:
-        log.info("resuming after %d finished shards (%d of %d records done)", len(shards), cursor, len(records))
+        raise SystemExit(f"{journal.name} lists {missing[0]} but it is gone from {out}; delete the folder and rebuild")
+    cursor = journal.entries[-1]["records_end"] if journal.entries else start
+    if cursor > start:
+        log.info("resuming after %d finished shards (%d of %d records done)", len(shards), cursor - start, end - start)
     tmp = tempfile.mkdtemp(prefix="shards-build-", dir=tmp_root)
     try:
-        packer = Packer(out, settings, storage, journal, len(shards), tmp)
+        packer = Packer(out, settings, storage, journal, len(shards), tmp, stem)
         threads = 0 if workers <= 1 else 1  # one process: let the codecs use every core
         job = partial(prepare, settings=settings, tmp=tmp, storage=storage, threads=threads)
-        todo = list(enumerate(records[cursor:], start=cursor + 1))  # (line number, record)
-        bar = tqdm(total=len(records), initial=cursor, desc=f"build {settings.name}", unit="video",
+        todo = list(enumerate(records[cursor:end], start=cursor + 1))  # (line number, record)
+        bar = tqdm(total=end - start, initial=cursor - start, desc=f"build {stem}", unit="video",
                    disable=not progress, dynamic_ncols=True)
         skipped = sum(len(e["skipped"]) for e in journal.entries)
         with _pool(workers) as pool:
@@ -253,34 +319,63 @@ def build(manifest: str, out: str, settings: BuildSettings, workers: int = 1, st
                 skipped += bool(prepared.reason)
                 bar.update(1)
                 bar.set_postfix(shards=packer.shard, skipped=skipped)
-        packer.flush(len(records), final=True)
+        packer.flush(end, final=True)
         bar.set_postfix(shards=packer.shard, skipped=skipped)
         bar.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    index = make_index(journal, settings, digest, manifest)
-    fmt.write_index(out, index, storage)
+    index = make_index(journal.entries, journal.header, manifest)
+    if part is None:
+        fmt.write_index(out, index, storage)
     return index
 
 
-def make_index(journal: Journal, settings: BuildSettings, digest: str, manifest: str) -> dict:
-    shards = [e for e in journal.entries if "shard" in e]
+def make_index(entries: list[dict], header: dict, manifest: str) -> dict:
+    """index.json from journal entries (one build's, or every part's in part order) and the build's header."""
+    shards = [e for e in entries if "shard" in e]
     skipped: dict[str, int] = {}
-    for e in journal.entries:
+    for e in entries:
         for s in e["skipped"]:
             skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
     return {"format": fmt.FORMAT_VERSION, "shards": [e["shard"] for e in shards], "counts": [e["count"] for e in shards],
             "bytes": [e["bytes"] for e in shards], "num_samples": sum(e["count"] for e in shards),
             "total_duration": sum(e["duration"] for e in shards), "num_sentences": sum(e["sentences"] for e in shards),
-            "skipped": skipped, "settings": asdict(settings) | {"manifest": manifest, "manifest_sha256": digest}}
+            "skipped": skipped,
+            "settings": header["settings"] | {"manifest": manifest, "manifest_sha256": header["manifest_sha256"]}}
 
 
-def _drop_stale_temp_files(out: str) -> None:
-    """Temporary tars of a crashed run (local output only; remote uploads are all-or-nothing)."""
+def check_out(out: str, storage: Storage, header: dict, part: Part | None) -> None:
+    """Refuse an --out that holds shards of another kind: not from this builder, a single-machine build
+    against parts (or parts of another N), parts of another manifest or other settings."""
+    names = storage.listdir(out) if storage.isdir(out) else []
+    parts = part_journals(names)
+    if not parts and JOURNAL not in names and any(n == fmt.INDEX or n.endswith(".tar") for n in names):
+        raise SystemExit(f"{out} already holds shards that this builder did not make; choose another --out")
+    if part is None:
+        if parts:
+            first, name = min(parts.items())
+            raise SystemExit(f"{out} holds a build in {first.count} parts ({name}, ...): finish it with "
+                             f"--part I/{first.count} and `python -m shards index`, or choose another --out")
+        return
+    if JOURNAL in names:
+        raise SystemExit(f"{out} holds a single-machine build ({JOURNAL}); build parts into another --out")
+    other = min((p for p in parts if p.count != part.count), default=None)
+    if other:
+        raise SystemExit(f"{out} holds a build in {other.count} parts ({parts[other]}), not {part.count}: "
+                         f"use --part I/{other.count}, or another --out")
+    sibling = min((p for p in parts if p != part), default=None)
+    if sibling and not same_build(read_journal(join(out, parts[sibling]), storage)[0].get("header"), header):
+        raise SystemExit(f"{out} holds parts of a build of another manifest or other settings ({parts[sibling]}); "
+                         "build into a new folder, or delete this one first")
+
+
+def _drop_stale_temp_files(out: str, own: tuple[str, ...] | None = None) -> None:
+    """Temporary files of a crashed run (local output only; remote uploads are all-or-nothing): all of
+    them, or only those whose names start with `own` (a part's: other parts may be writing theirs now)."""
     if is_url(out):
         return
     for name in os.listdir(out):
-        if ".tmp-" in name:
+        if ".tmp-" in name and (own is None or name.startswith(own)):
             os.remove(os.path.join(out, name))
 
 
@@ -305,7 +400,12 @@ class _pool:
 def _worker_init() -> None:
     import torch
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() ends workers at once
     torch.set_num_threads(1)  # processes are the parallelism (and OpenMP after fork must not spawn threads)
+
+
+def _stop(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -321,6 +421,15 @@ def parse_bytes(text: str) -> int:
     if unit not in units:
         raise argparse.ArgumentTypeError(f"bad size {text!r}; e.g. 500MB, 1GB, 2e9")
     return int(float(number) * units[unit])
+
+
+def parse_part(text: str) -> Part:
+    """"3/16" -> Part(3, 16)."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+        return Part(index, count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad part {text!r}: I/N with 0 <= I < N, e.g. 3/16") from None
 
 
 def add_parser(subparsers) -> None:
@@ -341,6 +450,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes preparing videos")
     p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL[_S3] or AWS)")
     p.add_argument("--tmp-dir", default=None, help="local scratch space for re-encoded videos")
+    p.add_argument("--part", type=parse_part, default=None, metavar="I/N",
+                   help="build only part I (0-based) of N of the manifest; then `python -m shards index OUT`")
     p.set_defaults(func=run)
 
 
@@ -357,7 +468,15 @@ def run(args: argparse.Namespace) -> int:
                              short_side=args.short_side, gop_seconds=args.gop_seconds, crf=args.crf,
                              depth_model=os.path.abspath(args.depth_model) if args.depth_model else None,
                              depth_size=args.depth_size)
-    index = build(args.manifest, args.out, settings, args.workers, storage, args.tmp_dir)
-    print(f"{args.out}: {index['num_samples']} samples in {len(index['shards'])} shards, "
-          f"{index['total_duration'] / 3600:.2f} h; skipped: {index['skipped'] or 'none'}")
-    return 0 if index["num_samples"] else 1
+    # scancel, preemption: end through the cleanup (the scratch folder of re-encoded videos), then resume later
+    signal.signal(signal.SIGTERM, _stop)
+    index = build(args.manifest, args.out, settings, args.workers, storage, args.tmp_dir, part=args.part)
+    summary = (f"{index['num_samples']} samples in {len(index['shards'])} shards, "
+               f"{index['total_duration'] / 3600:.2f} h; skipped: {index['skipped'] or 'none'}")
+    if args.part is None:
+        print(f"{args.out}: {summary}")
+        return 0 if index["num_samples"] else 1
+    endpoint = f" --s3-endpoint {args.s3_endpoint}" if args.s3_endpoint else ""
+    print(f"{args.out}: part {args.part.index}/{args.part.count}: {summary}\n"
+          f"once all {args.part.count} parts are done: python -m shards index {args.out}{endpoint}")
+    return 0  # a part without samples is no failure: the set is judged when the parts are merged

@@ -1,7 +1,7 @@
 """Streaming loaders over WebDataset tar shards: an exactly resumable train stream and an eval pass.
 
 Train stream of rank r, logical worker w of W, for epoch e = 0, 1, 2, ...:
-    shards shuffled by (seed, e), the same on every rank -> [r::world_size] -> [w::W]
+    shards shuffled by (seed, e), the same on every rank -> this worker's part of them (below)
     -> tar members (mp4, json, depth.npz), local or s3:// -> shuffle buffer of raw bytes seeded by (seed, e, r, w)
     -> decode (late): plan the clips (shards.sampling), seek and decode only those frames,
        crop/flip/resize (shards.transforms), tokenize -> batches of `batch_size` good samples, all from one worker.
@@ -11,14 +11,31 @@ plays logical worker (i + next_worker) % W, because torch always asks worker 0 f
 random choice of a sample (clips, frames, crop, flip) comes from a generator seeded by
 (seed, epoch, key), so a resumed run decodes the same pixels.
 
+Each worker is one of R = world_size * W readers, reader g = r + world_size * w. With S >= R shards
+it reads whole shards, [r::world_size][w::W] of the epoch's order (= order[g::R]). With S < R shards
+readers share shards and split their samples (counted in tar order, before the shuffle buffer; a
+sample a reader does not take is passed over as raw bytes, never decoded), so none is read twice in
+an epoch (`reader_segments`):
+  - split folder (index.json counts the samples of each shard): the epoch's shards, laid end to end in
+    its order, are cut into R consecutive blocks, reader g taking the g-th, as long as its epoch quota
+    (below); a reader reads the one or two shards its block touches, and each only up to the block's end.
+  - no per-shard counts (a brace pattern): reader g reads shard g % S of the order and takes every m-th
+    sample of it from sample g // S, m being the number of readers of that shard (in a shard of fewer than
+    m samples some readers' share, and so their epoch, is empty).
+Whether readers share is decided by num_shards, world_size and num_workers, which a saved position
+already records, so the resume state is the same in both cases.
+
 Ranks never wait on each other for data: the train stream has no end (each worker starts its
 next epoch, in a new shard order, when one ends), and every batch holds exactly `batch_size` good
 samples, so every rank yields one full batch per step for as many steps as the trainer asks. With a
 split folder (index.json gives the sample count), an epoch is a fixed number of raw samples per rank,
 `TrainLoader.samples_per_epoch` = total // world_size, split evenly over its workers: a rank whose
 shards hold more stops early (the rest comes in later epochs' shard orders), one whose shards hold
-fewer reads them again, so all ranks change epoch together even when shards differ in size. A brace
-pattern has no count: there an epoch is one pass of each worker over its shards.
+fewer reads them again, so all ranks change epoch together even when shards differ in size. When
+readers share shards the blocks are exactly these quotas: an epoch reads every sample once, but for
+the last total % world_size of its order (they come in later orders), and no reader stops early or
+reads twice. Without a count (a brace pattern) an epoch is one pass of each worker over its shards,
+or over its share of one; then readers' epochs differ in length and ranks change epoch at different steps.
 
 Bad input (truncated tars, broken or empty MP4s, missing members, bad JSON, sentences outside
 the video, too few sentences, a video shorter than the clips) is skipped and counted per reason;
@@ -27,6 +44,7 @@ a worker whose whole epoch is unusable raises instead of spinning.
 Letters: B batch, M clips (sentences) per video, F frames per clip, T = M*F, h x w frame size, L tokens.
 """
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -42,7 +60,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import transforms
-from shards.format import FormatError, num_frames, parse_meta, read_index, read_tar, resolve_shards
+from shards.format import (FormatError, is_split_folder, num_frames, parse_meta, read_index, read_tar,
+                           resolve_shards, shard_path)
 from shards.sampling import plan_clips, spans_in_video
 from shards.storage import Storage
 from shards.video import EPS, EmptyVideoError, ShortVideoError, decode_at_times
@@ -149,21 +168,64 @@ def worker_quota(per_rank: int | None, worker: int, num_workers: int) -> int | N
     return per_rank // num_workers + (1 if worker < per_rank % num_workers else 0)
 
 
+Segment = tuple[str, int, int | None, int]  # (url, first, stop, step): samples first, first + step, ... < stop of a tar
+
+
+def reader_segments(order: list[str], rank: int, world_size: int, worker: int, num_workers: int,
+                    counts: dict[str, int] | None = None, per_rank: int | None = None) -> list[Segment]:
+    """The part of an epoch's shard `order` that logical worker `worker` of rank `rank` reads (module
+    docstring): whole shards when there are at least as many shards as readers, else a block of the
+    shards laid end to end (with `counts`, samples per shard, and `per_rank`) or every m-th sample of one."""
+    S, R = len(order), world_size * num_workers
+    if S >= R:
+        return [(url, 0, None, 1) for url in order[rank::world_size][worker::num_workers]]
+    g = rank + world_size * worker  # the reader that [rank::world_size][worker::num_workers] above would be
+    if counts is None or per_rank is None:  # the m readers of shard g % S take turns
+        return [(order[g % S], g // S, None, -(-(R - g % S) // S))]
+    start = sum(worker_quota(per_rank, h // world_size, num_workers) for h in range(g))
+    stop = start + worker_quota(per_rank, worker, num_workers)
+    segments, offset = [], 0
+    for url in order:
+        n = counts[url]
+        if offset < stop and start < offset + n:
+            segments.append((url, max(0, start - offset), min(n, stop - offset), 1))
+        offset += n
+    return segments
+
+
+def read_segments(segments: list[Segment], storage: Storage) -> Iterator[dict]:
+    """Raw samples of the segments, in order. Samples outside them are passed over as raw bytes; a tar is
+    closed at its segment's stop (on s3 nothing after it is downloaded)."""
+    for url, first, stop, step in segments:
+        with contextlib.closing(read_tar(url, storage)) as samples:
+            for i, raw in enumerate(samples):
+                if stop is not None and i >= stop:
+                    break
+                if i >= first and (i - first) % step == 0:
+                    yield raw
+
+
 def train_source(shards: list[str], storage: Storage, seed: int, rank: int, world_size: int, worker: int,
-                 num_workers: int, buffer: int, start: tuple[int, int],
-                 quota: int | None = None) -> Iterator[tuple[int, int, dict]]:
+                 num_workers: int, buffer: int, start: tuple[int, int], quota: int | None = None,
+                 counts: dict[str, int] | None = None, per_rank: int | None = None) -> Iterator[tuple[int, int, dict]]:
     """Endless (epoch, consumed, raw) of one logical worker, beginning after position `start`. With a
     `quota`, every epoch is exactly that many raw samples: a worker whose shards hold more stops early
-    (the rest waits for a later epoch's shard order), one whose shards hold fewer reads them again."""
+    (the rest waits for a later epoch's shard order), one whose shards hold fewer reads them again.
+    `counts` and `per_rank` place the worker's block when readers share shards (`reader_segments`). Readers
+    that take turns in a shard smaller than their number may find their share of it empty: that epoch is
+    empty for them, and only a worker whose share of every shard is empty raises."""
     epoch, skip = start
+    turns = len(shards) < world_size * num_workers and (counts is None or per_rank is None)
+    starved: set[str] = set()  # taking turns: shards in which this worker's share was empty
     while True:
-        mine = epoch_shards(shards, seed, epoch)[rank::world_size][worker::num_workers]
+        mine = reader_segments(epoch_shards(shards, seed, epoch), rank, world_size, worker, num_workers,
+                               counts, per_rank)
         rng = np.random.default_rng([SHUFFLE, seed, epoch, rank, worker])
 
         def passes():  # each pass through the shuffle buffer on its own, so a pass never repeats a sample
             while True:
                 n = 0
-                for sample in shuffle_buffer((s for url in mine for s in read_tar(url, storage)), rng, buffer):
+                for sample in shuffle_buffer(read_segments(mine, storage), rng, buffer):
                     n += 1
                     yield sample
                 if quota is None or n == 0:
@@ -177,11 +239,20 @@ def train_source(shards: list[str], storage: Storage, seed: int, rank: int, worl
             if consumed == quota:
                 break
         if consumed == 0:
-            raise RuntimeError(f"rank {rank} worker {worker}: epoch {epoch} read no sample from {mine}")
+            starved.update(url for url, *_ in mine)
+            if not turns or starved >= set(shards):
+                raise RuntimeError(f"rank {rank} worker {worker}: epoch {epoch} read no sample from {_named(mine)}"
+                                   + (" (nor from any other shard: fewer samples than readers)" if turns else ""))
         if consumed < skip:
-            raise RuntimeError(f"rank {rank} worker {worker}: epoch {epoch} has {consumed} samples in {mine}, "
-                               f"but the resume position is {skip} (did the shards change?)")
+            raise RuntimeError(f"rank {rank} worker {worker}: epoch {epoch} has {consumed} samples in "
+                               f"{_named(mine)}, but the resume position is {skip} (did the shards change?)")
         epoch, skip = epoch + 1, 0
+
+
+def _named(segments: list[Segment]) -> list[str]:
+    """Segments as the error messages name them: a whole shard by its URL, a part as URL[first:stop:step]."""
+    return [url if (first, stop, step) == (0, None, 1) else f"{url}[{first}:{'' if stop is None else stop}:{step}]"
+            for url, first, stop, step in segments]
 
 
 def eval_source(shards: list[str], storage: Storage) -> Iterator[tuple[int, int, dict]]:
@@ -364,8 +435,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, shards: list[str], tokenizer_path: str, rank: int, world_size: int,
                  positions: dict[int, list[int]], skipped: dict[int, dict], first_worker: int,
-                 per_rank: int | None = None):
+                 per_rank: int | None = None, counts: dict[str, int] | None = None):
         self.cfg, self.shards, self.tokenizer_path, self.per_rank = cfg, shards, tokenizer_path, per_rank
+        self.counts = counts  # samples per shard URL when readers share shards in blocks, else None
         self.rank, self.world_size = rank, world_size
         self.positions, self.skipped, self.first_worker = positions, skipped, first_worker
 
@@ -377,7 +449,8 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         stages = [
             partial(train_source, self.shards, cfg.storage, cfg.seed, self.rank, self.world_size, w, W,
-                    cfg.shuffle_buffer, tuple(self.positions[w]), worker_quota(self.per_rank, w, W)),
+                    cfg.shuffle_buffer, tuple(self.positions[w]), worker_quota(self.per_rank, w, W), self.counts,
+                    self.per_rank),
             partial(decode_stage, cfg=cfg, tokenizer_path=self.tokenizer_path, skips=skips, train=True,
                     where=f"rank {self.rank} worker {w}"),
             partial(batch_stage, batch_size=cfg.batch_size, skips=skips, worker=w, keep_last=False),
@@ -418,7 +491,8 @@ class TrainLoader:
         self.next_worker = stream.first_worker
         self._skipped = {w: dict(c) for w, c in stream.skipped.items()}
         self.check = check  # world_size, rank, num_workers, ... saved to refuse a mismatched resume
-        self.samples_per_epoch = samples_per_epoch  # nominal: total samples // world_size (None: unknown)
+        # nominal: total samples // world_size (None: unknown, or readers take turns in shards without counts)
+        self.samples_per_epoch = samples_per_epoch
         self._it = None
 
     def __iter__(self):
@@ -460,11 +534,16 @@ def build_train_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_si
                        state: dict | None = None, root: str | None = None) -> TrainLoader:
     shards = resolve_shards(cfg.train_shards, root, cfg.storage)
     W = max(1, cfg.num_workers)
-    if len(shards) < world_size * W:
-        raise ValueError(f"the train split has {len(shards)} shards but world_size * num_workers = "
-                         f"{world_size} * {W} = {world_size * W}; every data worker needs at least one shard: "
-                         f"write more, smaller shards or lower DataConfig.num_workers")
     assert 0 <= rank < world_size, f"rank {rank} outside world_size {world_size}"
+    total, counts = _split_counts(cfg.train_shards, shards, root, cfg.storage)
+    sharing = plan_readers(len(shards), world_size, W, total, counts is not None)  # raises if a reader gets nothing
+    if sharing and rank == 0:
+        log.info("%s", sharing)
+    per_rank = None if total is None else total // world_size
+    if not sharing:
+        counts = None  # each reader reads whole shards: today's layout, no block to place
+    elif counts is None:
+        per_rank = None  # readers take turns in a shard: an epoch is one pass over the share
     check = _resume_check(cfg, rank, world_size, len(shards))
     positions, skipped, first = {w: [0, 0] for w in range(W)}, {}, 0
     if state is not None:
@@ -476,10 +555,42 @@ def build_train_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_si
         positions = {int(w): [int(e), int(c)] for w, (e, c) in state["epoch_pos"].items()}
         skipped = {int(w): dict(c) for w, c in state.get("skipped", {}).items()}
         first = int(state["next_worker"])
-    total = _num_samples(cfg.train_shards, root, cfg.storage)
-    per_rank = None if total is None else total // world_size
-    stream = TrainStream(cfg, shards, tokenizer_path, rank, world_size, positions, skipped, first, per_rank)
+    stream = TrainStream(cfg, shards, tokenizer_path, rank, world_size, positions, skipped, first, per_rank, counts)
     return TrainLoader(stream, check, per_rank)
+
+
+def plan_readers(num_shards: int, world_size: int, num_workers: int, total: int | None, counts_known: bool) -> str:
+    """How the R = world_size * num_workers readers split a train split of `num_shards` shards (`total`
+    samples; per-shard counts known or not): "" when each reads whole shards of its own, else one line saying
+    how they share (the pre-launch check prints it). Raises ValueError when a reader would get no sample."""
+    S, W = num_shards, max(1, num_workers)
+    R = world_size * W
+    if S >= R:
+        return ""
+    readers = (f"{S} shards for {R} readers ({world_size} ranks x {W} data workers): readers share shards and "
+               f"split their samples, none read twice in an epoch")
+    if counts_known and total is not None:
+        per_rank = total // world_size
+        if per_rank < W:
+            raise ValueError(f"the train split has {total} samples: {total} // world_size {world_size} = {per_rank} "
+                             f"per rank and epoch, fewer than num_workers = {W}; every data worker needs at least "
+                             f"one sample: lower DataConfig.num_workers")
+        sizes = sorted({worker_quota(per_rank, w, W) for w in range(W)})
+        rest = total - world_size * per_rank
+        return (f"{readers}: each epoch lays the shards end to end in that epoch's order and reader "
+                f"g = rank + {world_size} * worker reads the g-th of {R} consecutive blocks of "
+                f"{' or '.join(map(str, sizes))} samples" + (f" ({rest} left for later epochs)" if rest else ""))
+    sharers = sorted({-(-(R - s) // S) for s in range(S)})
+    return (f"{readers}: reader g = rank + {world_size} * worker reads every m-th sample of shard g % {S} of each "
+            f"epoch's order, from sample g // {S} (m = {' or '.join(map(str, sharers))} readers per shard); without "
+            f"per-shard counts an epoch is one pass over that share")
+
+
+def describe_readers(cfg: DataConfig, world_size: int, root: str | None = None) -> str:
+    """`plan_readers` for cfg.train_shards read by `world_size` ranks: what the pre-launch check prints."""
+    shards = resolve_shards(cfg.train_shards, root, cfg.storage)
+    total, counts = _split_counts(cfg.train_shards, shards, root, cfg.storage)
+    return plan_readers(len(shards), world_size, cfg.num_workers, total, counts is not None)
 
 
 def _resume_check(cfg: DataConfig, rank: int, world_size: int, num_shards: int) -> dict:
@@ -496,13 +607,19 @@ def epoch_start_state(cfg: DataConfig, rank: int, world_size: int, epoch: int, r
             "skipped": {}, **_resume_check(cfg, rank, world_size, len(shards))}
 
 
-def _num_samples(spec: str, root: str | None, storage: Storage) -> int | None:
-    """Samples in a split folder per its index.json; None for a brace pattern."""
-    if "{" in spec or spec.endswith(".tar"):
-        return None
-    path = spec if root is None or "://" in spec or os.path.isabs(spec) else os.path.join(root, spec)
+def _split_counts(spec: str, shards: list[str], root: str | None,
+                  storage: Storage) -> tuple[int | None, dict[str, int] | None]:
+    """(samples, samples per shard URL) of a split folder per its index.json, each None when not given
+    (a brace pattern gives neither)."""
+    path = shard_path(spec, root)
+    if not is_split_folder(path):
+        return None, None
     index = read_index(path, storage)
-    return int(index.get("num_samples", sum(index.get("counts", [])))) or None
+    total = int(index.get("num_samples", sum(index.get("counts", [])))) or None
+    counts = index.get("counts")
+    if not (isinstance(counts, list) and len(counts) == len(shards)):
+        return total, None
+    return total, {url: int(n) for url, n in zip(shards, counts)}
 
 
 def build_eval_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_size: int,

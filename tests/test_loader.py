@@ -142,9 +142,13 @@ def test_resume_with_other_world_size_raises(root):
         build_train_loader(config(num_workers=2), TOKENIZER, 0, 1, state=state, root=str(root))
 
 
-def test_too_few_shards_raises(root):
-    with pytest.raises(ValueError, match=r"8 shards but world_size \* num_workers = 4 \* 3 = 12"):
-        build_train_loader(config(num_workers=3), TOKENIZER, 0, 4, root=str(root))
+def test_too_few_samples_raises(root):
+    """8 shards for 8 ranks x 2 workers are shared (tests/test_shards_readers.py); 24 samples for 8 ranks x 4
+    workers leave a worker none."""
+    assert build_train_loader(config(num_workers=2), TOKENIZER, 0, 8, root=str(root)).samples_per_epoch == 3
+    with pytest.raises(ValueError, match=r"24 samples: 24 // world_size 8 = 3 per rank and epoch, fewer than "
+                                         r"num_workers = 4"):
+        build_train_loader(config(num_workers=4), TOKENIZER, 0, 8, root=str(root))
 
 
 def test_resolve_shards(root):
