@@ -1,6 +1,6 @@
 """Token dropping (model.video.drop_ratio; FLIP, UMT): training speed and zero-shot R@1 per drop ratio, in one run.
 
-    python benchmarks/dropping.py [--ratios 0 0.5 0.75] [--seeds 0 1 2] [--steps 128] [--out FILE]  # ~10 min
+    python benchmarks/dropping.py [--ratios 0 0.5 0.75] [--seeds 0 1 2] [--steps 128] [--size 32] [--out FILE]  # ~10 min
     python benchmarks/dropping.py --quick                                                       # smoke test, ~1 min
 
 Preset: `full_small` (four stages of joint space-time attention, one 2x2 merge), the `*_small` preset closest
@@ -8,8 +8,9 @@ to what the papers drop tokens from: FLIP drops random patches of a plain ViT, U
 with joint space-time attention (tube masks, as here); TESTA, STGT and DAST put divided, spatial, graph or
 depth attention in between, which neither paper has. It is also the ablation's baseline
 (benchmarks/ablation.py: the same config, corpus, trainer and probes), so ratio 0 is that table's first row.
-At the corpus' 32x32 frames the grid is 4x4 patches and the dropped units are 2x2-patch blocks (the encoder
-merges 2x2 once): 4 per frame, of which 0.5 keeps 2 and 0.75 keeps 1, the same in every frame of a video.
+The dropped units are 2x2-patch blocks (the encoder merges 2x2 once): at the default --size 32 the grid is 4x4
+patches, 4 units per frame, of which 0.5 keeps 2 and 0.75 keeps 1; at --size 64, 16 units (0.5 keeps 8), the same
+in every frame of a video.
 
 Every ratio is measured against ratio 0 in the same run:
 1. Speed, in isolation: one model per ratio (same seed, training mode), the same --timing-batches training
@@ -54,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--timing-passes", type=int, default=6, help="timed passes over them (after one warm-up pass)")
     p.add_argument("--videos", type=int, default=256, help="training videos in the corpus")
     p.add_argument("--val-videos", type=int, default=64, help="held-out videos (R@1 chance: 100 / this)")
-    p.add_argument("--data", help="corpus folder, built if missing (default: the ablation's, runs/ablation/data32; "
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels: 32 gives 4 dropped units per frame "
+                   "(2x2-patch blocks), 64 gives 16")
+    p.add_argument("--data", help="corpus folder, built if missing (default: the ablation's, runs/ablation/dataSIZE; "
                    "with --quick runs/dropping/quick_data)")
     p.add_argument("--out", default=None, help="JSON results (default runs/bench/dropping[_quick].json)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 2 seeds, a tiny corpus, 2 timed passes")
@@ -221,11 +224,12 @@ def main(argv=None) -> int:
         args.timing_batches, args.timing_passes = 1, 2
         extra += ["data.batch_size=4", "data.num_workers=0", "model.embed_dim=32"]
     out = args.out or default_out("dropping_quick" if args.quick else "dropping")
-    data = Path(args.data or REPO / ("runs/dropping/quick_data" if args.quick else "runs/ablation/data32")).resolve()
+    default = "runs/dropping/quick_data" if args.quick else f"runs/ablation/data{args.size}"
+    data = Path(args.data or REPO / default).resolve()
     info, before, started = machine(), load(), time.perf_counter()
-    ablation.make_corpus(data, args.videos, args.val_videos, events, 32)
+    ablation.make_corpus(data, args.videos, args.val_videos, events, args.size)
     check_corpus(data, args.videos, args.val_videos)
-    extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val"]
+    extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"data.size={args.size}"]
 
     timing = time_steps(ratios, extra, args.timing_batches, args.timing_passes)
     timing_s = time.perf_counter() - started

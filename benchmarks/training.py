@@ -123,7 +123,8 @@ def command(name: str, run_dir: Path, overrides: list[str], work: Path, profile:
     run = RUNS[name]
     entry = [str(REPO / "benchmarks" / "ddp_baseline.py")] if not run.ds else [str(REPO / "pretrain" / "run.py"),
                                                                                  "--ds-config", ds_config(name, work)]
-    args = ["--config", "pretrain/configs/demo.yaml", "--run-dir", str(run_dir), *overrides, *run.overrides]
+    args = ["--config", "pretrain/configs/demo.yaml", "--run-dir", str(run_dir), *overrides,
+            "train.precision=fp32", *run.overrides]  # fp32 unless the run says otherwise (auto may pick bf16)
     if profile:
         entry = [str(Path(__file__).resolve()), "--profile-rank", str(run_dir / "profile"), "--warmup",
                  str(profile["warmup"]), "--steps", str(profile["steps"]), "--", *entry]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pretrain.backends import build_ds_config, resolve_precision
+from pretrain.backends import build_ds_config, cpu_has_bf16, resolve_precision
 from pretrain.config import ConfigError, load_config
 from test_pretrain_e2e import REPO, launch, metrics
 
@@ -73,13 +73,19 @@ def test_finetuning_in_bf16_tracks_fp32(tmp_path):
 # ---- auto, and fp16 refused ----------------------------------------------------------------------------
 
 
-def test_auto_is_bf16_on_a_gpu_that_has_it_else_fp32(monkeypatch):
+def test_auto_is_bf16_on_a_gpu_or_cpu_that_has_it_else_fp32(monkeypatch):
     cfg = load_config(None)
     assert cfg.train.precision == "auto"
-    if not torch.cuda.is_available():
-        assert resolve_precision("auto") == "fp32"
-        assert build_ds_config(cfg, 1)["bf16"] == {"enabled": False}  # the CPU: fp32
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    want_here = "bf16" if (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_bf16()) else "fp32"
+    assert resolve_precision("auto") == want_here
+    assert build_ds_config(cfg, 1)["bf16"] == {"enabled": want_here == "bf16"}
+    for amx, avx512_bf16, want in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert cpu_has_bf16() == (want == "bf16") and resolve_precision("auto") == want
+        assert build_ds_config(cfg, 1)["bf16"] == {"enabled": want == "bf16"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU decides by itself, whatever the CPU has
     for supported, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: supported)
         assert resolve_precision("auto") == want

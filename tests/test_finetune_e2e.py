@@ -29,7 +29,8 @@ CONFIGS = REPO / "finetune" / "configs"
 TINY = ["data.batch_size=4", "data.num_workers=1", "data.size=32", "data.frames_per_clip=2", "data.max_words=12",
         "model.video.preset=debug", "model.video.local_stage=0", "model.embed_dim=32", "model.fusion_layers=1",
         "task.decoder_dim=32", "task.decoder_layers=1", "task.query_words=12", "task.question_words=20",
-        "train.warmup_steps=2", "train.log_every=1"]
+        "train.warmup_steps=2", "train.log_every=1",
+        "train.precision=fp32"]  # auto is bf16 on CPUs with bf16 hardware; the tests compare fp32 runs
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
            PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 

@@ -20,6 +20,7 @@ TINY = [
     "model.video.preset=debug", "model.video.local_stage=0",
     "model.text.sentence_layers=4", "model.embed_dim=32",
     "train.warmup_steps=2", "train.log_every=1", "train.save_every=2",
+    "train.precision=fp32",  # auto is bf16 on CPUs with bf16 hardware; the tests compare fp32 runs
 ]
 
 
