@@ -1,8 +1,9 @@
 """launchers/slurm: task.sh's rank layout and the exit codes of task.sh and job.sh without any SLURM (stand-in
-`scontrol`/`srun` on the PATH), then against a real single-node SLURM that the project's own
-launchers/slurm/local-cluster.sh brings up (root; installs the Debian packages when missing): the rank wiring of
-task.sh under srun, sbatch accepting the scripts, and a pretrain.sbatch job that gets the time-limit signal,
-saves a checkpoint, requeues itself and resumes to the end.
+`scontrol`/`srun`/`getent` on the PATH), then against a real two-node SLURM that the project's own
+launchers/slurm/local-cluster.sh brings up (root; installs the Debian packages when missing; two slurmd on this
+host): the rank wiring of task.sh under srun, sbatch accepting the scripts, and pretrain.sbatch jobs on one node
+(2 ranks) and on two nodes (a rank each) that get the time-limit signal, save a checkpoint, requeue themselves
+and resume to the end.
 
 The cluster fixture starts the cluster when it is not running and stops it at the end if it started it
 (LONGVL_SLURM_KEEP=1 keeps it up). It skips, saying why, only where the cluster cannot exist: not root, or
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -31,8 +33,10 @@ TINY = [
     "model.video.preset=debug", "model.video.local_stage=0", "model.text.sentence_layers=4", "model.embed_dim=32",
     "train.warmup_steps=2", "train.log_every=1", "train.save_every=2", "train.steps=8",
 ]
-# 2 ranks on the one node; the command line overrides the scripts' 2 x 8 GPU defaults
+# 2 ranks on one node, or a rank on each of two; the command line overrides the scripts' 2 x 8 GPU defaults
 ONE_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+LAYOUTS = {"1-node": ONE_NODE, "2-nodes": TWO_NODES}
 
 
 def job_env(slurm_conf: str | None = None) -> dict:
@@ -66,11 +70,18 @@ def wait_for(what, check, timeout, every=0.5):
 
 # ---------------------------------------------------------------------------------------- no cluster --
 # Stand-ins for the two SLURM commands the scripts call outside the ranks, so that the layout and the
-# exit codes are tested on any machine. Each records its arguments, one call a line, in $FAKE_LOG.
+# exit codes are tested on any machine. Each records its arguments, one call a line, in $FAKE_LOG. And a
+# resolver that knows only the names in $FAKE_HOSTS.
 FAKE_SCONTROL = r"""import os, re, sys
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write("scontrol " + " ".join(sys.argv[1:]) + "\n")
 args = sys.argv[1:]
+if args[:2] == ["show", "node"]:  # NodeAddr from $FAKE_NODE_ADDRS ("name=addr ...")
+    addrs = dict(pair.split("=") for pair in os.environ.get("FAKE_NODE_ADDRS", "").split())
+    if args[2] in addrs:
+        print(f"NodeName={args[2]} Arch=x86_64 CoresPerSocket=1\n   NodeAddr={addrs[args[2]]} "
+              f"NodeHostName={args[2]} Version=22.05.8")
+    sys.exit(0 if args[2] in addrs else 1)
 if args[:2] == ["show", "hostnames"]:  # SLURM's hostlist expansion, for one bracket group per host
     for host in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args[2]):
         m = re.fullmatch(r"(.*)\[(.*)\]", host)
@@ -89,14 +100,19 @@ echo "srun $*" >>"$FAKE_LOG"
 for rank in $FAKE_SRUN_STOPPED; do : >"$LONGVL_STOPPED_DIR/rank$rank"; done  # what task.sh does on exit 3
 exit "${FAKE_SRUN_RC:-0}"
 """
+FAKE_GETENT = r"""#!/usr/bin/env bash
+[ "$1" = hosts ] && [[ " $FAKE_HOSTS " == *" $2 "* ]] && { echo "10.9.9.9 $2"; exit 0; }
+exit 2
+"""
 
 
 @pytest.fixture
 def fake_slurm(tmp_path):
-    """A PATH with the stand-in scontrol and srun first, and the file they log their calls to."""
+    """A PATH with the stand-in scontrol, srun and getent first, and the file they log their calls to."""
     bin_dir = tmp_path / "fake-bin"
     bin_dir.mkdir()
-    for name, text in (("scontrol", f"#!{sys.executable}\n{FAKE_SCONTROL}"), ("srun", FAKE_SRUN)):
+    for name, text in (("scontrol", f"#!{sys.executable}\n{FAKE_SCONTROL}"), ("srun", FAKE_SRUN),
+                       ("getent", FAKE_GETENT)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "fake-calls.log"
@@ -110,7 +126,8 @@ def test_task_wiring_multi_node_layout(fake_slurm, node, local_size):
     """Rank 10 of 11 on 4 nodes with 3+3+3+2 tasks, as SLURM would describe it to task.sh."""
     env, log = fake_slurm
     env = dict(env, SLURM_PROCID="10", SLURM_NTASKS="11", SLURM_LOCALID="1", SLURM_NODEID=str(node),
-               SLURM_STEP_TASKS_PER_NODE="3(x3),2", SLURM_STEP_NODELIST="gpu[07-09,12]", SLURM_JOB_ID="123456")
+               SLURM_STEP_TASKS_PER_NODE="3(x3),2", SLURM_STEP_NODELIST="gpu[07-09,12]", SLURM_JOB_ID="123456",
+               FAKE_HOSTS="gpu07 gpu08 gpu09 gpu12")
     out = run([str(SLURM / "task.sh"), "env"], env=env)
     got = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"]) == ("10", "11", "1")
@@ -118,6 +135,21 @@ def test_task_wiring_multi_node_layout(fake_slurm, node, local_size):
     assert got["MASTER_ADDR"] == "gpu07"
     assert got["MASTER_PORT"] == str(15000 + 123456 % 15000)
     assert log.read_text().splitlines() == ["scontrol show hostnames gpu[07-09,12]"]  # the step's node list
+
+
+@pytest.mark.parametrize("addrs, want", [("n1=10.0.0.7 n2=10.0.0.8", "10.0.0.7"), ("", "n1")])
+def test_task_master_addr_of_a_node_name_that_is_no_host_name(fake_slurm, addrs, want):
+    """NodeName=n1 NodeAddr=10.0.0.7 (local-cluster.sh's nodes): the ranks meet at the first node's NodeAddr;
+    when SLURM knows none either, at its name."""
+    env, log = fake_slurm
+    env = dict(env, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_NODEID="1",
+               SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_NODELIST="n[1-2]", SLURM_JOB_ID="9",
+               FAKE_HOSTS="", FAKE_NODE_ADDRS=addrs)
+    proc = subprocess.run([str(SLURM / "task.sh"), "env"], env=env, capture_output=True, text=True, timeout=30)
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert proc.returncode == 0 and got["MASTER_ADDR"] == want, proc.stdout + proc.stderr
+    assert log.read_text().splitlines() == ["scontrol show hostnames n[1-2]", "scontrol show node n1"]
+    assert "task.sh: node ? (1 of ?, host " in proc.stderr  # LOCAL_RANK 0 says where it runs
 
 
 def test_task_layout_rejects_a_node_outside_the_task_counts(fake_slurm):
@@ -192,10 +224,22 @@ class Cluster:
                              env=self.env()).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
+    def nodes(self, node_list: str) -> list[str]:
+        """SLURM's node list ("vm-[1-2]") as names, in order."""
+        return run(["scontrol", "show", "hostnames", node_list], env=self.env()).split()
+
+    def address(self, node: str) -> str:
+        """Where a node is reached: its name where that resolves, else its NodeAddr (local-cluster.sh's nodes)."""
+        try:
+            socket.getaddrinfo(node, None)
+            return node
+        except socket.gaierror:
+            return re.search(r"NodeAddr=(\S+)", run(["scontrol", "show", "node", node], env=self.env()))[1]
+
 
 @pytest.fixture(scope="module")
 def slurm():
-    """The project's single-node SLURM (launchers/slurm/local-cluster.sh), started unless it runs already."""
+    """The project's two-node SLURM (launchers/slurm/local-cluster.sh), started unless it runs already."""
     if os.geteuid() != 0:
         pytest.skip("SLURM cannot start: launchers/slurm/local-cluster.sh must run as root (slurmd starts the jobs)")
     if not (shutil.which("slurmctld") and shutil.which("sbatch")) and not shutil.which("apt-get"):
@@ -213,12 +257,16 @@ def slurm():
     assert len(confs) == 1, proc.stdout
     print(f"SLURM up in {time.monotonic() - t0:.1f}s ({confs[0]})")
     cluster = Cluster(conf=confs[0], log_dir=Path(confs[0]).parent / "log")
-    yield cluster
+    nodes = set(run(["sinfo", "-h", "-N", "-o", "%N"], env=cluster.env()).split())
+    if len(nodes) >= 2:
+        yield cluster
     if cluster.jobs:  # only ours, by id
         subprocess.run(["scancel", *cluster.jobs], capture_output=True, timeout=30, env=cluster.env())
     if not was_up and os.environ.get("LONGVL_SLURM_KEEP") != "1":
         down = subprocess.run([str(CLUSTER), "down"], capture_output=True, text=True, timeout=300, env=env)
         assert down.returncode == 0, f"{CLUSTER} down exited {down.returncode}:\n{down.stdout}\n{down.stderr}"
+    if len(nodes) < 2:  # LONGVL_SLURM_NODES names one node
+        pytest.fail(f"the cluster has nodes {sorted(nodes)}; the two-node tests need two")
 
 
 @pytest.fixture(scope="module")
@@ -236,39 +284,51 @@ dist.init_process_group("gloo", init_method="env://")  # what deepspeed.init_dis
 total = torch.tensor([dist.get_rank() + 1])
 dist.all_reduce(total)
 keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-        "SLURM_JOB_ID", "SLURM_JOB_NODELIST"]
+        "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID", "SLURMD_NODENAME"]
 print("WIRING " + json.dumps({**{k: os.environ[k] for k in keys}, "sum": int(total)}), flush=True)
 dist.destroy_process_group()
 """
 
 
-def test_task_wiring_connects_two_ranks(slurm):
-    out = run(["srun", "-J", NAME, "-N1", "-n2", "--cpus-per-task=1", "--kill-on-bad-exit=1",
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_task_wiring_connects_two_ranks(slurm, nodes):
+    out = run(["srun", "-J", NAME, f"-N{nodes}", "-n2", "--cpus-per-task=1", "--kill-on-bad-exit=1",
                str(SLURM / "task.sh"), sys.executable, "-c", WIRING_PROBE], timeout=120, env=slurm.env())
     ranks = sorted((json.loads(line[len("WIRING "):]) for line in out.splitlines() if line.startswith("WIRING ")),
                    key=lambda r: int(r["RANK"]))
     assert [r["RANK"] for r in ranks] == ["0", "1"], out
     job = ranks[0]["SLURM_JOB_ID"]
-    first_host = run(["scontrol", "show", "hostnames", ranks[0]["SLURM_JOB_NODELIST"]], env=slurm.env()).split()[0]
+    job_nodes = slurm.nodes(ranks[0]["SLURM_JOB_NODELIST"])
+    assert len(job_nodes) == nodes
     for r in ranks:
-        assert r["WORLD_SIZE"] == "2" and r["LOCAL_WORLD_SIZE"] == "2"
-        assert r["LOCAL_RANK"] == r["RANK"]  # one node: local rank = global rank
-        assert r["MASTER_ADDR"] == first_host
+        node = 0 if nodes == 1 else int(r["RANK"])  # two nodes: rank 0 on the first, rank 1 on the second
+        assert (r["SLURM_NODEID"], r["SLURMD_NODENAME"]) == (str(node), job_nodes[node])
+        assert r["WORLD_SIZE"] == "2" and r["LOCAL_WORLD_SIZE"] == str(2 // nodes)
+        assert r["LOCAL_RANK"] == (r["RANK"] if nodes == 1 else "0")  # local rank = global rank on one node only
+        assert r["MASTER_ADDR"] == slurm.address(job_nodes[0])  # where rank 0 runs
         assert r["MASTER_PORT"] == str(15000 + int(job) % 15000)  # from the job id
         assert r["sum"] == 3  # the process group formed: 1 + 2 across both ranks
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("script", ["pretrain.sbatch", "finetune.sbatch"])
-def test_sbatch_accepts_the_scripts(slurm, script, tmp_path):
+def test_sbatch_accepts_the_scripts(slurm, script, layout, tmp_path):
     # sbatch reads the #SBATCH lines and checks them against the cluster without submitting
-    proc = subprocess.run(["sbatch", "--test-only", "-J", NAME, *ONE_NODE, str(SLURM / script)],
+    proc = subprocess.run(["sbatch", "--test-only", "-J", NAME, *LAYOUTS[layout], str(SLURM / script)],
                           capture_output=True, text=True, timeout=30, cwd=tmp_path, env=slurm.env())
     assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
 
 
-def test_pretrain_job_saves_requeues_and_resumes_at_the_time_limit(slurm, data, tmp_path):
+# task.sh's line from LOCAL_RANK 0 of each node: node name, SLURM_NODEID, nodes, host, first global rank, ranks
+# on the node, all ranks
+TASK_LINE = re.compile(
+    r"^task\.sh: node (\S+) \((\d+) of (\d+), host (\S+)\): ranks (\d+)\.\. \((\d+) here\) of (\d+),", re.M)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pretrain_job_saves_requeues_and_resumes_at_the_time_limit(slurm, data, tmp_path, layout):
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
-    cmd = ["sbatch", "--parsable", "-J", NAME, *ONE_NODE, "-o", str(log), str(SLURM / "pretrain.sbatch"),
+    cmd = ["sbatch", "--parsable", "-J", NAME, *LAYOUTS[layout], "-o", str(log), str(SLURM / "pretrain.sbatch"),
            "--config", "pretrain/configs/demo.yaml", "--run-dir", str(run_dir), *TINY,
            f"data.train_shards={data}/train", f"data.val_shards={data}/val"]
     # submitted from outside the checkout: the job finds it from the script's own path
@@ -288,7 +348,7 @@ def test_pretrain_job_saves_requeues_and_resumes_at_the_time_limit(slurm, data, 
             assert not ended(info), f"job ended before training: {info.get('JobState')}"
             return len(steps()) >= 2
 
-        wait_for("the first run to log 2 steps", started_training, timeout=150, every=0.2)
+        wait_for("the first run to log 2 steps", started_training, timeout=240, every=0.2)
         # what SLURM does --signal=B:USR1@300 before the time limit: signal the batch shell only
         run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env())
 
@@ -301,14 +361,27 @@ def test_pretrain_job_saves_requeues_and_resumes_at_the_time_limit(slurm, data, 
         # SLURM holds a requeued job for ~2 minutes (BeginTime) so that the old run's revoked credential
         # cannot be confused with the new one; those are compared to the second, so a few seconds are enough
         run(["scontrol", "update", f"jobid={job}", "StartTime=now+4"], env=slurm.env())
-        info = wait_for("the second run to finish", lambda: ended(i := slurm.job_info(job)) and i, timeout=180)
+        # (a loaded 2-core machine takes up to 2 minutes to start the ranks)
+        info = wait_for("the second run to finish", lambda: ended(i := slurm.job_info(job)) and i, timeout=300)
         text = log.read_text(errors="replace")  # two ranks interleave progress bars
 
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
         assert info["Restarts"] == "1"
-        runs = re.findall(rf"^==== longvl job {job} run (\d+) ", text, re.M)
-        assert runs == ["1", "2"]  # one log for the job, appended to by both runs
+        runs = re.findall(rf"^==== longvl job {job} run (\d+) on (\S+), 2 ranks", text, re.M)
+        assert [n for n, _ in runs] == ["1", "2"], runs  # one log for the job, appended to by both runs
         first, second = text.split(f"==== longvl job {job} run 2 ")
+        nodes = 1 if layout == "1-node" else 2
+        per_node = 2 // nodes
+        for (_, node_list), part in zip(runs, (first, second)):  # where each run's ranks ran, by their task.sh
+            job_nodes = slurm.nodes(node_list)
+            lines = sorted(TASK_LINE.findall(part), key=lambda m: int(m[1]))
+            placed = [(name, int(i), int(n), int(r0), int(here), int(world))
+                      for name, i, n, _host, r0, here, world in lines]
+            # one line per node, from its LOCAL_RANK 0: on two nodes, global rank 1 is local rank 0 of the second
+            want = [(job_nodes[i], i, nodes, i * per_node, per_node, 2) for i in range(nodes)]
+            assert len(set(job_nodes)) == nodes and placed == want, (node_list, lines)
+            print(f"run on {node_list}: " + "; ".join(f"ranks {m[4]}.. on node {m[1]} {m[0]} (host {m[3]})"
+                                                      for m in lines))
         assert "SIGUSR1 (time limit near)" in first  # the batch shell's trap ran
         stops = [(m[0], int(m[1])) for m in re.findall(r"signal (SIGUSR1|on another rank): stopping at step (\d+)",
                                                        first)]
@@ -331,4 +404,5 @@ def test_pretrain_job_saves_requeues_and_resumes_at_the_time_limit(slurm, data, 
             lines = [line for line in daemon_log.read_text(errors="replace").splitlines()
                      if re.search(rf"\b(JobId={job}|job {job}|StepId={job}\.|\[{job}\.)", line)]
             print(f"---- {daemon_log} (job {job})\n" + "\n".join(lines[-30:]))
+        subprocess.run(["scancel", job], capture_output=True, timeout=30, env=slurm.env())  # free its nodes now
         raise

@@ -2,7 +2,7 @@
 # A private SLURM cluster on this machine, for the tests and for trying the sbatch scripts:
 #
 #   launchers/slurm/local-cluster.sh up       start it (installs the Debian packages when missing); idempotent
-#   launchers/slurm/local-cluster.sh status   exit 0 when every daemon is up and the node takes jobs
+#   launchers/slurm/local-cluster.sh status   exit 0 when every daemon is up and every node takes jobs
 #   launchers/slurm/local-cluster.sh down     stop the daemons this script started (by their recorded pids)
 #
 # then point the SLURM commands at it:  export SLURM_CONF=$LONGVL_SLURM_DIR/slurm.conf  (`up` prints it)
@@ -12,24 +12,30 @@
 # logs and spool folders. The daemons run with the state folder as their working directory, so the
 # checkout this script came from may be deleted while they run.
 #
+# Nodes: each node is a slurmd of its own on this host (`slurmd -N NAME`; Debian builds SLURM for that:
+# `scontrol show config` says MULTIPLE_SLURMD = Yes), with its own port on its node line (Port=) and %n in
+# its pid, log and spool paths. Two by default, so that single-node jobs (--nodes=1) and two-node jobs
+# (--nodes=2) share one cluster and neither restarts the other's daemons. All nodes are this host
+# (NodeAddr=127.0.0.1): the ranks of a two-node job get different SLURM_NODEID and SLURMD_NODENAME but the
+# same host name, /tmp and /dev/shm; and a node name is no host name, so task.sh meets at the NodeAddr.
+#
 #   LONGVL_SLURM_DIR    state folder                      (default /tmp/longvl-slurm)
-#   LONGVL_SLURM_NODES  node names, comma-separated       (default: this host's short name). One node only so
-#                       far; the rest is written per node already (a node line, one `slurmd -N NAME`, %n in
-#                       its pid, log and spool paths). A second node on this host also needs its own slurmd
-#                       Port= on its node line and a SLURM built with multiple-slurmd support, or its own host.
+#   LONGVL_SLURM_NODES  node names, comma-separated       (default: HOST-1,HOST-2, HOST this host's short name)
 #   LONGVL_SLURM_CPUS   CPUs each node advertises         (default: nproc, at least 2)
-#   LONGVL_SLURM_PORT   slurmctld port; slurmd uses +1    (default 16817, away from SLURM's 6817/6818)
+#   LONGVL_SLURM_PORT   slurmctld port; the nodes' slurmd use +1, +2, ...  (default 16817, away from SLURM's
+#                       6817/6818)
 #   LONGVL_SLURM_WAIT   seconds any single wait may take  (default 60)
 #
 # A controller (re)started by `up` begins with an empty queue. Two clusters at once need different
-# LONGVL_SLURM_DIR and LONGVL_SLURM_PORT.
+# LONGVL_SLURM_DIR, and LONGVL_SLURM_PORT values further apart than the number of nodes.
 #
 # Must run as root: slurmd launches the jobs' processes and munged runs as the munge user.
 # Requires Debian/Ubuntu packages munge, slurmctld, slurmd, slurm-client (installed with apt-get when missing).
 set -euo pipefail
 
 STATE=${LONGVL_SLURM_DIR:-/tmp/longvl-slurm}
-NODES=${LONGVL_SLURM_NODES:-$(hostname -s)}
+HOST=$(hostname -s)
+NODES=${LONGVL_SLURM_NODES:-$HOST-1,$HOST-2}
 PORT=${LONGVL_SLURM_PORT:-16817}
 WAIT=${LONGVL_SLURM_WAIT:-60}
 CONF=$STATE/slurm.conf
@@ -47,6 +53,9 @@ IFS=, read -ra NODE_LIST <<<"$NODES"
 [ ${#NODE_LIST[@]} -ge 1 ] || die "LONGVL_SLURM_NODES is empty"
 for n in "${NODE_LIST[@]}"; do [[ $n =~ ^[A-Za-z0-9_-]+$ ]] || die "bad node name '$n' in LONGVL_SLURM_NODES"; done
 [[ $PORT =~ ^[0-9]+$ ]] && [[ $WAIT =~ ^[0-9]+$ ]] || die "LONGVL_SLURM_PORT and LONGVL_SLURM_WAIT must be integers"
+LAST_PORT=$((PORT + ${#NODE_LIST[@]}))  # slurmctld, then one slurmd per node
+((PORT >= 1024 && LAST_PORT <= 65535)) || die "LONGVL_SLURM_PORT=$PORT: ports $PORT..$LAST_PORT must be in 1024..65535"
+[ -z "$(printf '%s\n' "${NODE_LIST[@]}" | sort | uniq -d)" ] || die "a node name appears twice in LONGVL_SLURM_NODES"
 
 # ---------------------------------------------------------------------------------------- processes --
 # pid_of NAME: the pid this script recorded for daemon NAME (empty when none)
@@ -104,6 +113,16 @@ ctld_ok() { scontrol ping | grep -q 'is UP'; }
 # node_state NODE: SLURM's state of the node, lower case (idle, mixed, down*, ...)
 node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
 node_ok() { case $(node_state "$1") in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac; }
+# recorded_slurmds: the slurmd-NAME pid files of this state folder, listed nodes or not (LONGVL_SLURM_NODES
+# may have changed since they started)
+recorded_slurmds() {
+  local f
+  for f in "$RUN"/slurmd-*.pid; do
+    [[ -e $f && $f != *.daemon.pid ]] && basename "$f" .pid  # not slurmd's own pid file (SlurmdPidFile)
+  done
+  true
+}
+stop_slurmds() { local d; for d in $(recorded_slurmds); do stop "$d" slurmd; done; }
 daemons_alive() {
   alive munged munged && alive slurmctld slurmctld || return 1
   local n
@@ -142,16 +161,16 @@ $(tail -n 20 "$LOG/apt-get.log")"
 
 # ------------------------------------------------------------------------------------------- config --
 write_conf() {
-  local cpus mem n new
+  local cpus mem i new
   cpus=${LONGVL_SLURM_CPUS:-$(nproc)}
   ((cpus >= 2)) || cpus=2  # the tests run two ranks on one node
-  # 80% of the machine's memory: MemTotal does not change between runs, so neither does the file
-  mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
+  # 80% of the machine's memory, shared out among the nodes: MemTotal does not change between runs, so
+  # neither does the file
+  mem=$(awk -v n=${#NODE_LIST[@]} '/^MemTotal:/ {print int($2 / 1024 * 0.8 / n)}' /proc/meminfo)
   new="# written by launchers/slurm/local-cluster.sh; rewritten by its 'up'
 ClusterName=longvl-local
-SlurmctldHost=${NODE_LIST[0]}(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
@@ -164,7 +183,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+# sched_interval=1: a job whose begin time has passed (a requeued one) starts within a second, not 60
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -177,9 +197,11 @@ SlurmctldPidFile=$RUN/slurmctld.daemon.pid
 SlurmdPidFile=$RUN/slurmd-%n.daemon.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd-%n.log"
-  for n in "${NODE_LIST[@]}"; do
+  # one slurmd per node on this host, each on a port of its own
+  for i in "${!NODE_LIST[@]}"; do
     new+="
-NodeName=$n NodeHostname=$(hostname -s) NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+NodeName=${NODE_LIST[i]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT + 1 + i))\
+ CPUs=$cpus RealMemory=$mem State=UNKNOWN"
   done
   new+="
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
@@ -193,9 +215,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
 
 # --------------------------------------------------------------------------------------------- up --
 up() {
-  local t0=$SECONDS n changed=0 fresh=0
+  local t0=$SECONDS n changed=0
+  local -a fresh=()  # the nodes whose slurmd this call started
   [ "$(id -u)" = 0 ] || die "must run as root (slurmd starts the jobs, munged runs as the munge user)"
-  ((${#NODE_LIST[@]} == 1)) || die "only one node is supported so far (LONGVL_SLURM_NODES=$NODES)"
   install -d -m 755 "$STATE" "$RUN" "$LOG" "$STATE/spool"
   # one `up` or `down` at a time (two test sessions may start together)
   exec 9>"$STATE/lock"
@@ -235,7 +257,7 @@ up() {
   install -d -m 755 "$STATE/spool/slurmctld"
   for n in "${NODE_LIST[@]}"; do install -d -m 755 "$STATE/spool/slurmd-$n"; done
   if [ $changed = 1 ]; then
-    for n in "${NODE_LIST[@]}"; do stop "slurmd-$n" slurmd; done
+    stop_slurmds
     stop slurmctld slurmctld
   fi
   if alive slurmctld slurmctld; then
@@ -251,7 +273,7 @@ $(tail -n 15 "$LOG/slurmctld.log" 2>/dev/null)"
       say "slurmd-$n already running (pid $(pid_of "slurmd-$n"))"
     else
       start "slurmd-$n" slurmd slurmd -D -f "$CONF" -N "$n"
-      fresh=1
+      fresh+=("$n")
     fi
   done
 
@@ -263,7 +285,7 @@ $(tail -n 15 "$LOG/slurmctld.log" 2>/dev/null)"
       state=$(node_state "$n")
       case $state in
         idle|mixed|allocated) break ;;
-        completing) if [ $fresh = 1 ]; then
+        completing) if [[ " ${fresh[*]} " == *" $n "* ]]; then
                       scontrol update nodename="$n" state=down reason="slurmd restarted" >/dev/null 2>&1 || true
                       scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
                     fi ;;
@@ -274,9 +296,10 @@ $(scontrol show node "$n" 2>&1 | grep -E 'State|Reason')"
       sleep 0.5
     done
   done
-  if [ $fresh = 1 ]; then  # the daemons just started: one job step end to end proves authentication works
-    timeout "$WAIT" srun -J longvl-local-check -N1 -n1 --chdir="$STATE" true >"$LOG/check.out" 2>&1 9>&- ||
-      die "a one-task srun failed or took over ${WAIT}s:
+  if ((${#fresh[@]})); then  # slurmd just started: a job step on each of those nodes proves it launches tasks
+    timeout "$WAIT" srun -J longvl-local-check -w "$(IFS=,; echo "${fresh[*]}")" -N${#fresh[@]} -n${#fresh[@]} \
+      --chdir="$STATE" true >"$LOG/check.out" 2>&1 9>&- ||
+      die "a one-task srun on each of ${fresh[*]} failed or took over ${WAIT}s:
 $(tail -n 15 "$LOG/check.out")"
   fi
   say "up in $((SECONDS - t0))s: nodes ${NODE_LIST[*]}, logs in $LOG"
@@ -285,20 +308,23 @@ $(tail -n 15 "$LOG/check.out")"
 
 # ------------------------------------------------------------------------------------------- down --
 down() {
-  local n
   [ -d "$RUN" ] || { say "nothing to stop ($RUN does not exist)"; return 0; }
   exec 9>"$STATE/lock"
   flock -w "$((WAIT * 10))" 9 || die "another $ME holds $STATE/lock for more than $((WAIT * 10))s"
-  for n in "${NODE_LIST[@]}"; do stop "slurmd-$n" slurmd; done
+  stop_slurmds
   stop slurmctld slurmctld
   stop munged munged
 }
 
 status() {
-  local n rc=0 s
+  local rc=0 s
   for s in munged:munged slurmctld:slurmctld $(printf 'slurmd-%s:slurmd ' "${NODE_LIST[@]}"); do
     if alive "${s%%:*}" "${s##*:}"; then echo "${s%%:*}: running (pid $(pid_of "${s%%:*}"))"
     else echo "${s%%:*}: not running"; rc=1; fi
+  done
+  for s in $(recorded_slurmds); do  # started for a node that LONGVL_SLURM_NODES no longer lists
+    [[ " ${NODE_LIST[*]} " == *" ${s#slurmd-} "* ]] || ! alive "$s" slurmd ||
+      { echo "$s: running (pid $(pid_of "$s")) but not a node of $CONF; \`up\` or \`down\` stops it"; rc=1; }
   done
   if [ $rc = 0 ] && healthy; then
     echo "SLURM_CONF=$CONF"

@@ -9,7 +9,9 @@
 #   WORLD_SIZE       <- SLURM_NTASKS
 #   LOCAL_RANK       <- SLURM_LOCALID                  (the GPU this rank uses on its node)
 #   LOCAL_WORLD_SIZE <- this node's entry of SLURM_STEP_TASKS_PER_NODE, e.g. "8(x3),4"
-#   MASTER_ADDR      <- first host of SLURM_STEP_NODELIST (where rank 0 runs)
+#   MASTER_ADDR      <- first node of SLURM_STEP_NODELIST (where rank 0 runs): its name, or where that
+#                       name is no host name (NodeName=n1 NodeAddr=10.0.0.1, local-cluster.sh's nodes)
+#                       its NodeAddr from `scontrol show node`
 #   MASTER_PORT      <- 15000 + SLURM_JOB_ID % 15000, or LONGVL_MASTER_PORT (below the ephemeral range)
 #
 # Exit status: the command's, except 3 ("stopped early, checkpoint saved, rerun with --resume") when
@@ -38,12 +40,18 @@ export RANK=$SLURM_PROCID
 export WORLD_SIZE=$SLURM_NTASKS
 export LOCAL_RANK=$SLURM_LOCALID
 LOCAL_WORLD_SIZE=$(tasks_on_node "${SLURM_STEP_TASKS_PER_NODE:-$SLURM_TASKS_PER_NODE}" "$SLURM_NODEID") || exit 1
-MASTER_ADDR=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
-[ -n "$MASTER_ADDR" ] || { echo "task.sh: no host in the step's node list" >&2; exit 1; }
+first_node=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
+[ -n "$first_node" ] || { echo "task.sh: no node in the step's node list" >&2; exit 1; }
+MASTER_ADDR=$first_node
+if ! getent hosts "$first_node" >/dev/null 2>&1; then  # a node name that no resolver knows
+  addr=$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
+  MASTER_ADDR=${addr:-$first_node}
+fi
 export LOCAL_WORLD_SIZE MASTER_ADDR
 export MASTER_PORT=${LONGVL_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
-if [ "$LOCAL_RANK" = 0 ]; then
-  echo "task.sh: $(hostname -s): ranks $RANK.. ($LOCAL_WORLD_SIZE here) of $WORLD_SIZE," \
+if [ "$LOCAL_RANK" = 0 ]; then  # one line per node: which node (and host) holds which ranks
+  echo "task.sh: node ${SLURMD_NODENAME:-?} ($SLURM_NODEID of ${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-?}}," \
+       "host $(hostname -s)): ranks $RANK.. ($LOCAL_WORLD_SIZE here) of $WORLD_SIZE," \
        "master $MASTER_ADDR:$MASTER_PORT" >&2
 fi
 
