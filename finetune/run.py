@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.train import deepspeed_json, run  # noqa: E402
+from pretrain import distributed as dist_utils  # noqa: E402
 from pretrain.config import resolve_path  # noqa: E402
 from pretrain.prelaunch import check_inputs, load_checked, prelaunch, prepare_process  # noqa: E402
 from pretrain.trainer import StopSignal  # noqa: E402
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
         return failed
     cfg, run_dir = checked
     prepare_process()
+    # started here so that a lost rank or node stops the others within train.dist_timeout_s: accelerate
+    # reuses a started group, and would otherwise start one with torch's 30 min
+    dist_utils.start_process_group(cfg.train.dist_timeout_s)
     with StopSignal() as stop:  # caught from here on (main may run inside a longer process: handlers restored)
         finished = run(cfg, run_dir, args.resume, args.ds_config, Path(args.config).name, stop)
     return 0 if finished else RESUME_ME

@@ -72,11 +72,15 @@ class TrainConfig:
     exit_interval: int = 0  # save and exit when the step is a multiple of this (0: never), for time-limited jobs
     eval_at_end: bool = True  # evaluate on data.val_shards after training (pretraining: zero-shot retrieval)
     ds_config: str = "ds_configs/zero2.json"  # DeepSpeed engine JSON; batch sizes are filled in from here
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU or CPU with bf16 hardware, else fp32
     # recompute activations in the backward pass instead of keeping them (memory for ~1/3 more compute): 0 off,
     # 1 every block of the video encoder (the patch embedding counts as its first) and every BERT layer of the
     # text encoder, k every k-th, the first of each included
     activation_checkpointing: int = 0
+    # seconds a rank waits in a collective (and at the start, for the others to join) before it stops with an
+    # error: a lost node ends the job within this bound instead of torch's 30 min; keep it above the longest
+    # time one rank works while the others wait (a checkpoint save, the evaluation, the first JIT op build)
+    dist_timeout_s: int = 600
 
     def __post_init__(self):
         check_value(self.steps >= 1, "train.steps", "an integer >= 1")
@@ -100,6 +104,7 @@ class TrainConfig:
         check_value(bool(self.ds_config), "train.ds_config", "a DeepSpeed JSON path")
         check_value(self.activation_checkpointing >= 0, "train.activation_checkpointing",
                     "an integer >= 0 (0: off, 1: every block, k: every k-th block)")
+        check_value(self.dist_timeout_s >= 1, "train.dist_timeout_s", "an integer number of seconds >= 1")
 
 
 @dataclass

@@ -1,5 +1,9 @@
-"""Process-group helpers: rank info, and an all-gather that carries gradients."""
+"""Process-group helpers: starting the group with a timeout, rank info, and an all-gather that carries gradients."""
 from __future__ import annotations
+
+import datetime
+import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -15,6 +19,35 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
+
+
+def timeout(seconds: float) -> datetime.timedelta:
+    """train.dist_timeout_s as init_process_group's `timeout`: how long a collective (and the start-up
+    rendezvous) waits for the other ranks before it raises. torch's default for gloo is 30 min."""
+    return datetime.timedelta(seconds=seconds)
+
+
+def start_process_group(timeout_s: float) -> bool:
+    """The default process group with a collective timeout, when a launcher started several processes
+    (WORLD_SIZE > 1, rendezvous through MASTER_ADDR / MASTER_PORT) and no group is started yet: gloo on
+    CPUs, nccl on GPUs. For entry points whose group another library would start with its own timeout
+    (accelerate reuses a started group). Returns whether it started one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_dist():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout(timeout_s))
+    return True
+
+
+def placement() -> str:
+    """Where this process sits, for the log: global rank and world size, rank and process count on its node
+    (LOCAL_RANK, LOCAL_WORLD_SIZE or DeepSpeed's LOCAL_SIZE), the node's index (DeepSpeed's CROSS_RANK,
+    torchrun's GROUP_RANK or SLURM_NODEID) and host name. On a multi-node run the global rank of every
+    node but the first differs from its local rank."""
+    env = os.environ
+    local_size = env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", "?"))
+    node = env.get("CROSS_RANK", env.get("GROUP_RANK", env.get("SLURM_NODEID", "?")))
+    return (f"rank {rank()} of {world_size()}, local rank {env.get('LOCAL_RANK', '?')} of {local_size} "
+            f"on node {node} (host {socket.gethostname()})")
 
 
 class _GatherWithGrad(torch.autograd.Function):

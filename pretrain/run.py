@@ -12,6 +12,7 @@ folder that holds another run without --resume).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -64,11 +65,16 @@ def main(argv=None) -> int:
     from pretrain.ops import release_shm_names
     from pretrain.train import prepare_run_dir, train
 
-    deepspeed.init_distributed()
+    # a lost rank or node stops the others within train.dist_timeout_s (torch's default for gloo: 30 min)
+    deepspeed.init_distributed(timeout=dist_utils.timeout(cfg.train.dist_timeout_s))
     if dist_utils.rank() == 0:
         prepare_run_dir(cfg, run_dir)
     dist_utils.barrier()
-    release_shm_names()  # every rank has mapped its peers' all-reduce buffers by now
+    # every rank has mapped its peers' all-reduce buffers by now. DeepSpeed's CPU accelerator creates them only
+    # when every rank is on this node (its launcher's LOCAL_SIZE == WORLD_SIZE); across nodes it must not
+    shm = release_shm_names()
+    logging.getLogger("pretrain").info("%s; DeepSpeed's shared-memory all-reduce %s", dist_utils.placement(),
+                                       "on (all ranks on this node)" if shm else "off")
     engine, finished = train(cfg, run_dir, args.ds_config, args.resume, stop)
     if finished and cfg.train.eval_at_end:
         evaluate_retrieval(engine.module, cfg, run_dir)
