@@ -61,8 +61,10 @@ def build_accelerator(cfg: FinetuneConfig, ds_config: str | None):
     gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # train.precision decides, never `accelerate launch --mixed_precision` (whose fp16 would reach DeepSpeed's JSON);
-    # without DeepSpeed, bf16 is accelerate's autocast, as DeepSpeed's bf16
-    precision = "bf16" if resolve_precision(cfg.train.precision) == "bf16" else "no"
+    # without DeepSpeed, bf16 is accelerate's autocast, as DeepSpeed's bf16. The zeroshot task trains nothing and
+    # reads no train.* key: it scores in fp32, as pretrain.evaluate does after an fp32 run
+    trains = cfg.task.name != "zeroshot"
+    precision = "bf16" if trains and resolve_precision(cfg.train.precision) == "bf16" else "no"
     common = {"step_scheduler_with_optimizer": False, "gradient_accumulation_steps": cfg.train.grad_accum,
               "mixed_precision": precision}
     if ds is None:  # plain PyTorch: on CPUs accelerate needs cpu=True for gloo DDP

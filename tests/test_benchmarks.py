@@ -110,22 +110,36 @@ def test_training_variants_are_deepspeed_configs_with_their_one_change(tmp_path)
     assert set(training.GROUPS["settings"]) < set(training.RUNS) and "zero2_bf16" not in training.GROUPS["settings"]
 
 
-def test_training_quick_repeats_in_rotated_rounds_with_a_bf16_ratio(tmp_path):
-    result = run("training.py", tmp_path / "training.json", "--workdir", str(tmp_path / "work"),
-                 "--runs", "zero2", "zero2_bf16", "--repeats", "2", timeout=900)  # 4 launches
+def test_training_repeats_in_rotated_rounds_with_a_bf16_ratio(tmp_path, monkeypatch):
+    """--repeats: every configuration launched once per round, the order rotated by one each round, ratios
+    paired by round. In-process with a stand-in launch (its step times chosen here, so every ratio has an
+    independent value); the real launches are the profile test's and test_bf16's."""
+    training = load_benchmark("training")
+    step_s = {("zero2", 0): 1.0, ("zero2", 1): 1.25, ("zero2_bf16", 0): 0.8, ("zero2_bf16", 1): 0.5,
+              ("ddp", 0): 0.9, ("ddp", 1): 1.0}
+    order = []
+
+    def fake_launch(name, run_dir, overrides, work, env, p, global_batch, profile):
+        r = sum(n == name for n, _ in order)
+        order.append((name, r))
+        s = step_s[name, r]
+        return {"median_step_s": s, "mean_step_s": s, "samples_per_s": global_batch / s, "data_wait_frac": 0.0,
+                "final_loss": 6.0 + (name == "zero2_bf16") * 0.01, "timed_steps": p["steps"] - p["warmup"]}
+
+    monkeypatch.setattr(training, "launch", fake_launch)
+    out = tmp_path / "training.json"
+    assert training.main(["--quick", "--out", str(out), "--workdir", str(tmp_path / "work"),
+                          "--runs", "ddp", "zero2", "zero2_bf16", "--repeats", "2"]) == 0
+    assert order == [("ddp", 0), ("zero2", 0), ("zero2_bf16", 0), ("zero2", 1), ("zero2_bf16", 1), ("ddp", 1)]
+    result = json.loads(out.read_text())
     runs = result["results"]
-    assert list(runs) == ["zero2", "zero2_bf16"] and result["settings"]["repeats"] == 2
-    for r in runs.values():
-        assert [launch["round"] for launch in r["launches"]] == [0, 1] and r["overhead_vs_ddp"] is None  # no DDP
-        s = r["vs_zero2_spread"]
-        assert len(s["values"]) == 2 and s["min"] <= s["median"] <= s["max"] and all(map(positive, s["values"]))
-        assert r["final_losses"][0] == pytest.approx(r["final_losses"][1], rel=1e-6)  # a launch repeats exactly
-    assert runs["zero2"]["vs_zero2_spread"]["values"] == [1.0, 1.0]
-    bf16, fp32 = runs["zero2_bf16"]["launches"], runs["zero2"]["launches"]
-    assert result["bf16_vs_fp32"]["values"] == pytest.approx([a["samples_per_s"] / b["samples_per_s"]
-                                                             for a, b in zip(bf16, fp32)])  # paired by round
-    assert runs["zero2_bf16"]["final_loss"] != runs["zero2"]["final_loss"]  # bf16 did run
-    assert runs["zero2_bf16"]["final_loss"] == pytest.approx(runs["zero2"]["final_loss"], rel=0.05)
+    assert list(runs) == ["ddp", "zero2", "zero2_bf16"] and result["settings"]["repeats"] == 2
+    assert [launch["round"] for launch in runs["zero2_bf16"]["launches"]] == [0, 1]
+    assert runs["zero2"]["overhead_vs_ddp_spread"]["values"] == pytest.approx([1.0 / 0.9, 1.25 / 1.0])
+    assert runs["zero2"]["median_step_s"] == pytest.approx(1.125)  # the median of 1.0 and 1.25
+    assert runs["zero2_bf16"]["vs_zero2_spread"]["values"] == pytest.approx([0.8, 0.4])
+    assert result["bf16_vs_fp32"]["values"] == pytest.approx([1.0 / 0.8, 1.25 / 0.5])  # samples/s, paired by round
+    assert result["bf16_vs_fp32"]["median"] == pytest.approx((1.25 + 2.5) / 2)
 
 
 def test_training_quick_profile_breaks_down_ddp_and_zero2_steps(tmp_path):
@@ -152,11 +166,12 @@ def test_training_quick_profile_breaks_down_ddp_and_zero2_steps(tmp_path):
 
 
 def test_dropping_quick(tmp_path):
-    result = run("dropping.py", tmp_path / "dropping.json", "--data", str(tmp_path / "data"), timeout=900)
+    result = run("dropping.py", tmp_path / "dropping.json", "--data", str(tmp_path / "data"), "--ratios", "0.5",
+                 timeout=900)  # ratio 0 is always added
     timing, comp = result["timing"], result["compare"]
-    assert list(timing) == list(comp) == ["0.0", "0.5", "0.75"] and result["settings"]["preset"] == "full_small"
-    # 32x32 frames: 4x4 patches, dropped in 2x2 blocks (full_small merges 2x2 once): 4 blocks, 2 kept, 1 kept
-    assert [timing[r]["patches_per_frame"] for r in timing] == [16, 8, 4]
+    assert list(timing) == list(comp) == ["0.0", "0.5"] and result["settings"]["preset"] == "full_small"
+    # 32x32 frames: 4x4 patches, dropped in 2x2 blocks (full_small merges 2x2 once): 4 blocks, 2 kept
+    assert [timing[r]["patches_per_frame"] for r in timing] == [16, 8]
     passes = result["settings"]["timing_passes"] * result["settings"]["timing_batches"]
     for r, c in comp.items():
         assert positive(timing[r]["encoder_samples_per_s"]) and positive(timing[r]["whole_samples_per_s"])
