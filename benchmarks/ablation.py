@@ -1,6 +1,7 @@
 """Ablation of the seed papers' mechanisms on the synthetic corpus: one table, mean +- std over seeds.
 
     python benchmarks/ablation.py [--steps 96] [--seeds 0 1 2] [--variants baseline mtc ...] [--out FILE] [--quick]
+    python benchmarks/ablation.py --corpus geometry ...                 # the corpus that needs the relations
     python benchmarks/ablation.py --tables A.json B.json --out C.json   # one table from separate runs
 
 Builds one corpus (long videos of 8 events with depth and image-plane relations; `shards.synth`)
@@ -11,6 +12,13 @@ AdamW step) for the same number of steps per seed, and scores it on the held-out
 one video-encoder forward pass (`pretrain.flops`) and training samples/s. Prints a Markdown table that
 marks each difference from the variant's reference larger than two standard errors (over seeds), and
 writes every number (per seed too) to --out as JSON.
+
+Two corpora (--corpus). "captions" (the default) draws the colours and shapes of every event, so a
+paragraph is told from the others in a batch by its colour and shape words alone and nothing makes a
+contrastive loss read the relations. "geometry" (`shards.synth.GEOMETRY`) shows the same three shapes
+in every event, moving the same way and overlapping in every frame, so the relations (in front of /
+behind, left of / right of) are what tells paragraphs apart, and the occlusion that shows the depth
+order is in every sampled frame.
 """
 from __future__ import annotations
 
@@ -34,6 +42,14 @@ DAST_STAGES = ["model.video.dims=[64,128,128,128,128]", "model.video.depths=[1,1
                "model.video.heads=[2,4,4,4,4]", "model.video.downsample=[true,false,false,false,false]",
                "model.video.temporal_windows=[1,1,1,1,1]", "model.video.merge_frames=[0,0,0,0,0]",
                "model.video.merge_patches=[0,0,0,0,0]", "model.video.local_stage=4"]
+VIT_STAGES = ["model.video.dims=[64,64,64,64]", "model.video.heads=[2,2,2,2]",
+              "model.video.downsample=[false,false,false,false]"]
+VIT_KEYS = ["model.video.cls_token=true", "model.video.pos_grid=[{grid},{grid}]", "model.video.norm_eps=1e-12"]
+IMAGE = "model.video.init_image={image}"  # {image}: the image encoder's folder (it sets VIT_KEYS itself)
+GRAPH = "model.video.attention=[full,graph,graph,graph]"
+STGT_VIT = ["model.video.attention=[full,full,full,graph]", *VIT_STAGES]  # STGT: graph layers on an image model
+SSL_ONLY = ["model.loss.vpc_weight=0", "model.loss.ssl_weight=1.0"]
+VPC_SSL = ["model.loss.vpc_weight=1.0", "model.loss.ssl_weight=1.0"]
 VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "baseline": ("full attention, VPC", [], None),
     "mtc": ("+MTC (LF-VILA)", ["model.loss.mtc_weight=0.25"], "baseline"),
@@ -43,13 +59,25 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "testa": ("+TESTA merging (on divided)", ["model.video.attention=[divided,divided,divided,divided]",
                                              "model.video.merge_frames=[0,2,2,2]", "model.video.merge_patches=[0,1,1,0]"],
               "divided"),
-    "graph": ("+STGT graph attention", ["model.video.attention=[full,graph,graph,graph]"], "baseline"),
-    "stgt": ("+STGT graph + self-sim. loss", ["model.video.attention=[full,graph,graph,graph]",
-                                              "model.loss.vpc_weight=0", "model.loss.ssl_weight=1.0"], "graph"),
+    "graph": ("+STGT graph attention", [GRAPH], "baseline"),
+    "stgt": ("+STGT graph + self-sim. loss", [GRAPH, *SSL_ONLY], "graph"),
     "full5": ("5 full stages (DAST's control)", [*DAST_STAGES, "model.video.attention=[full,full,full,full,full]"],
               "baseline"),
     "dast": ("+DAST depth block (stage 2 of 5)", [*DAST_STAGES, "model.video.attention=[full,depth,full,full,full]"],
              "full5"),
+    # Image initialisation (the papers' first step): a ViT pretrained in-project on single frames
+    # (benchmarks/image_pretrain.py) starts the video encoder. A ViT has one width and no patch merging, so
+    # these rows use ViT-shaped stages (4 x 64 wide, [CLS], no downsampling); "vit" is that shape from scratch.
+    "vit": ("full attention, ViT-shaped (4 x 64, [CLS])", [*VIT_STAGES, *VIT_KEYS], "baseline"),
+    "vit_image": ("+image init (in-project ViT)", [*VIT_STAGES, IMAGE], "vit"),
+    "graph_image": ("+STGT graph layer (last stage), image init", [*STGT_VIT, IMAGE], "vit_image"),
+    # STGT as STGT trains (seed-methods 3.3): its self-similarity loss alone, on an image-initialised encoder
+    "stgt_image": ("+self-sim. loss alone (STGT's recipe)", [*STGT_VIT, *SSL_ONLY, IMAGE], "graph_image"),
+    # our own variants: VPC beside the self-similarity loss, with and without image init, and a VPC warm-up
+    "stgt_image_vpc": ("+VPC beside the self-sim. loss (ours)", [*STGT_VIT, *VPC_SSL, IMAGE], "stgt_image"),
+    "stgt_vpc": ("+STGT graph, VPC + self-sim. (ours, scratch)", [GRAPH, *VPC_SSL], "stgt"),
+    "stgt_warmup": ("+STGT graph, VPC warm-up then self-sim. (ours, scratch)",
+                    [GRAPH, *VPC_SSL, "model.loss.vpc_warmup_steps={half}"], "stgt"),
 }
 COLUMNS = [("R1", "R@1"), ("order", "order (para)"), ("order_clips", "order (clips)"),
            ("depth_clip", "depth rel. (clip)"), ("plane_clip", "left/right (clip)"),
@@ -57,14 +85,38 @@ COLUMNS = [("R1", "R@1"), ("order", "order (para)"), ("order_clips", "order (cli
            ("gflops", "GFLOPs"), ("samples_per_s", "samples/s")]
 
 
-def make_corpus(out: Path, videos: int, val: int, events: int, size: int) -> None:
+CORPORA = ("captions", "geometry")  # --corpus
+
+
+def corpus_settings(corpus: str, events: int, size: int):
+    """The SynthSettings of one --corpus: long videos of 2 s events at 4 fps, depth and image-plane relations."""
+    from shards.synth import GEOMETRY, SynthSettings
+
+    extra = GEOMETRY if corpus == "geometry" else {"relations": "depth+plane"}
+    return SynthSettings(events=events, size=size, fps=4.0, event_seconds=2.0, per_shard=8, **extra)
+
+
+def make_corpus(out: Path, videos: int, val: int, events: int, size: int, corpus: str = "captions") -> None:
+    """Writes the corpus into out/train and out/val unless there; a folder holding another corpus is an error."""
+    from dataclasses import asdict
+
     from shards.synth import SynthSettings, write_split
 
-    settings = SynthSettings(events=events, size=size, fps=4.0, event_seconds=2.0, per_shard=8,
-                             relations="depth+plane")
+    settings = corpus_settings(corpus, events, size)
+    want = json.loads(json.dumps(asdict(settings)))  # tuples as JSON lists, as index.json holds them
+    defaults = json.loads(json.dumps(asdict(SynthSettings())))  # what an older index.json without a field meant
     for split, n in (("train", videos), ("val", val)):
-        if not (out / split / "index.json").exists():
+        index = out / split / "index.json"
+        if not index.exists():
             write_split(str(out / split), split, n, seed=0, settings=settings, workers=1)
+            continue
+        have = json.loads(index.read_text())
+        differs = sorted(k for k, v in want.items() if have["settings"].get(k, defaults[k]) != v)
+        if differs:
+            raise SystemExit(f"--data {out}: {split} holds another corpus (differs in {', '.join(differs)}); "
+                             "give another --data folder or delete it")
+        if have["num_samples"] != n:
+            print(f"note: {out / split} has {have['num_samples']} videos (kept), not {n}", flush=True)
 
 
 def train_variant(overrides: list[str], seed: int, steps: int) -> tuple[object, object, float]:
@@ -73,28 +125,25 @@ def train_variant(overrides: list[str], seed: int, steps: int) -> tuple[object, 
     thrown away."""
     import tempfile
 
-    import torch
-
     from pretrain.backends import TorchBackend
     from pretrain.config import load_config
-    from pretrain.model import VideoTextModel
-    from pretrain.train import build_optimizer
+    from pretrain.train import build_model, build_optimizer
     from pretrain.trainer import build_scheduler, fit, step_generator
 
     cfg = load_config(REPO / "benchmarks/configs/ablation.yaml",
                       [*overrides, f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
                        f"train.warmup_steps={max(1, steps // 10)}", "train.log_every=1", "train.save_every=0"])
-    torch.manual_seed(seed)
-    model = VideoTextModel(cfg.model)
-    model.freeze(cfg.model.freeze)
+    model = build_model(cfg)  # seeded by train.seed; model.video.init_image and model.freeze as in pretraining
     optimizer = build_optimizer(model, cfg)
     backend = TorchBackend(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train.grad_clip)
 
     def forward(batch, step, micro):
-        return model(batch, generator=step_generator(cfg.train.seed, step))
+        return model(batch, generator=step_generator(cfg.train.seed, step), step=step)
 
     with tempfile.TemporaryDirectory(prefix="ablation-run-") as run_dir:
-        fit(backend, forward, cfg, Path(run_dir), resume=False, desc=f"seed {seed}")
+        state, finished = fit(backend, forward, cfg, Path(run_dir), resume=False, desc=f"seed {seed}")
+        if not finished:  # SIGTERM/SIGUSR1 end the loop early; a shorter run must not be scored as this budget
+            raise SystemExit(f"stopped by a signal at step {state.step} of {steps}; nothing scored for seed {seed}")
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > min(3, steps - 1)]
     samples_per_s = len(timed) * cfg.data.batch_size / sum(cfg.data.batch_size / r["samples_per_s"] for r in timed)
@@ -159,8 +208,14 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--videos", type=int, default=256, help="training videos in the corpus")
     p.add_argument("--val-videos", type=int, default=32)
-    p.add_argument("--data", default=str(REPO / "runs/ablation/data32"), help="corpus folder (built if missing)")
+    p.add_argument("--corpus", choices=CORPORA, default="captions",
+                   help="captions: colours and shapes drawn per event; geometry: the same shapes in every event, "
+                        "only the relations tell paragraphs apart (see the module docstring)")
+    p.add_argument("--size", type=int, default=32, help="frame height and width of the corpus and the model input")
+    p.add_argument("--data", default=None, help="corpus folder, built if missing (default runs/ablation/data32 "
+                   "for the captions corpus at 32 pixels, else runs/ablation/CORPUS{SIZE}; quick-... with --quick)")
     p.add_argument("--out", default=str(REPO / "runs/ablation/results.json"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 8 training and 4 held-out videos of 4 events")
     p.add_argument("--tables", nargs="+", metavar="JSON", help="print one table from earlier --out files "
                    "(e.g. variants run separately) and write it to --out; trains nothing")
@@ -172,6 +227,8 @@ def merge_tables(paths: list[str], out: Path) -> int:
     files = [json.loads(Path(p).read_text()) for p in paths]
     if len({(f["steps"], tuple(f["seeds"])) for f in files}) != 1:
         raise SystemExit("--tables: the files differ in --steps or --seeds; their numbers are not comparable")
+    if len({(f.get("corpus", "captions"), f.get("size", 32)) for f in files}) != 1:  # older files: captions, 32
+        raise SystemExit("--tables: the files differ in --corpus or --size; their numbers are not comparable")
     results = {}
     for f in files:
         results.update(f["results"])
@@ -193,20 +250,30 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     from probes import evaluate_probes
 
     events, extra = 8, []
     if args.quick:
         args.steps, args.seeds, args.videos, args.val_videos, events = 2, args.seeds[:1], 8, 4, 4
         extra = ["data.batch_size=4", "data.num_workers=0", "model.embed_dim=32"]
+    if args.data is None:
+        name = ("quick-" if args.quick else "") + ("data" if args.corpus == "captions" else args.corpus)
+        args.data = str(REPO / "runs/ablation" / f"{name}{args.size}")  # --quick's 4-event corpus has its own
     data = Path(args.data).resolve()
     t0 = time.perf_counter()
-    make_corpus(data, args.videos, args.val_videos, events, 32)
-    extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val"]
+    make_corpus(data, args.videos, args.val_videos, events, args.size, args.corpus)
+    extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"data.size={args.size}"]
+    fill = {"grid": args.size // 8, "half": args.steps // 2, "image": None}
+    if any(IMAGE in VARIANTS[name][1] for name in args.variants):  # trained once per corpus, then reused
+        from image_pretrain import ImagePretrainConfig, ensure_image_encoder
+
+        fill["image"] = ensure_image_encoder(data, data.parent / f"{data.name}_vit",
+                                             ImagePretrainConfig(image_size=args.size, steps=2 if args.quick else 400))
     results = {}
     for name in args.variants:
         label, overrides, _ = VARIANTS[name]
+        overrides = [o.format(**fill) for o in overrides]
         runs = []
         for seed in args.seeds:
             t = time.perf_counter()
@@ -220,12 +287,14 @@ def main(argv=None) -> int:
         results[name] = {"label": label, "overrides": overrides, "runs": runs,
                          "summary": {key: summarise([r[key] for r in runs]) for key, _ in COLUMNS}}
     table = markdown(results)
-    print(f"\n{len(args.seeds)} seeds x {args.steps} steps (batch {cfg.data.batch_size}), "
+    print(f"\n{args.corpus} corpus at {args.size}x{args.size}, "
+          f"{len(args.seeds)} seeds x {args.steps} steps (batch {cfg.data.batch_size}), "
           f"{results[args.variants[0]]['runs'][0]['num_videos']} held-out videos; mean ± std over seeds; "
           f"probes: % of pairwise comparisons won (chance 50)\n\n{table}\n", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "quick": args.quick,
+                               "corpus": args.corpus, "size": args.size,
                                "wall_seconds": time.perf_counter() - t0, "table": table, "results": results}, indent=1))
     return 0
 

@@ -77,12 +77,16 @@ def synthetic_labels(key: str, meta: dict, num_choices: int, style: str) -> dict
     """Task labels derived from a synthetic video's event sentences (deterministic per key).
     "qa" depends on `style`:
     - "question" (How2QA-like multiple choice): "what moves left in front of the blue square?" with
-      the mover as the answer; distractors are the video's other shapes first (so the text alone
-      cannot tell), then other colour-shape pairs.
+      the mover as the answer; distractors are colour-shape pairs whose colour is nowhere in the video
+      first, then pairs of the video's other colours (never the mover's or the still shape's). The text
+      alone cannot tell (every choice differs from the still shape in colour, as the mover does); the
+      frames can, by colour, at any resolution the loader samples.
     - "statement" (VIOLIN-like): each event's sentence (true) and a copy with the mover's colour or
       direction changed (false), choices ["true", "false"].
     - "open" (ActivityNet-QA-like): "which way does the red circle move?" -> a direction; "what
-      colour is the circle that moves left?" -> a colour (only where the answer is unique in the video).
+      colour is the circle that moves left?" -> a colour (only where the answer is unique in the video);
+      "is there a red shape?" -> yes / no (as many of each per video): the first two need the motion
+      and the shapes, the third only the colours, which a small model learns in a few dozen steps.
     "captions" are the event sentences.
     """
     events = [parse_synthetic(s["text"]) for s in meta["sentences"]]
@@ -94,16 +98,20 @@ def synthetic_labels(key: str, meta: dict, num_choices: int, style: str) -> dict
 
 
 def _multiple_choice(events, sentences, num_choices, rng) -> list[dict]:
-    everything = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    seen = {c for e in events for c in (e["colour"], e["still"].split()[0])}
     qa = []
-    for i, e in enumerate(events):
+    for e in events:
         question = f"what moves {e['direction']} {e['where']} the {e['still']}?"
-        own = (e["mover"], e["still"])
-        others = [o for o in dict.fromkeys(x for j, ev in enumerate(events) if j != i for x in (ev["mover"], ev["still"]))
-                  if o not in own]
-        rest = [o for o in everything if o not in others and o not in own]
-        distractors = [str(d) for d in rng.permutation(others)][: num_choices - 1]
-        distractors += [str(d) for d in rng.permutation(rest)][: num_choices - 1 - len(distractors)]
+        own = {e["colour"], e["still"].split()[0]}
+        absent = [f"{c} {s}" for c in COLOURS if c not in seen for s in SHAPES]
+        other = [f"{c} {s}" for c in sorted(seen - own) for s in SHAPES]
+        distractors = []
+        for pool in (absent, other):  # one pair per colour, absent colours first
+            for d in (str(d) for d in rng.permutation(pool)):
+                if len(distractors) < num_choices - 1 and d.split()[0] not in {x.split()[0] for x in distractors}:
+                    distractors.append(d)
+        spare = [f"{c} {s}" for c in COLOURS for s in SHAPES if c not in own and f"{c} {s}" not in distractors]
+        distractors += [str(d) for d in rng.permutation(spare)][: num_choices - 1 - len(distractors)]  # > 7 choices
         choices = [e["mover"]] + distractors
         order = [int(j) for j in rng.permutation(len(choices))]
         qa.append({"question": question, "choices": [choices[j] for j in order], "answer": order.index(0)})
@@ -133,6 +141,13 @@ def _open_questions(events, sentences, num_choices, rng) -> list[dict]:
             qa.append({"question": f"which way does the {e['mover']} move?", "answer": e["direction"]})
         if shape_dirs[(e["shape"], e["direction"])] == 1:
             qa.append({"question": f"what colour is the {e['shape']} that moves {e['direction']}?", "answer": e["colour"]})
+    # as many "yes" as "no" questions about a colour being in the video at all
+    seen = sorted({c for e in events for c in (e["colour"], e["still"].split()[0])})
+    absent = [c for c in COLOURS if c not in seen]
+    n = min(2, len(seen), len(absent))
+    for colours, answer in ((seen, "yes"), (absent, "no")):
+        qa += [{"question": f"is there {'an' if c[0] in 'aeiou' else 'a'} {c} shape?", "answer": answer}
+               for c in map(str, rng.permutation(colours)[:n])]
     return qa
 
 
@@ -180,6 +195,31 @@ def answer_vocab(answers: list[str], size: int) -> list[str]:
 
 def normalise_answer(answer: str) -> str:
     return " ".join(words(answer))
+
+
+def blind_answers(qa: list[dict]) -> dict[str, str]:
+    """The question-only baseline of open QA: each train question's most frequent (normalised) answer,
+    ties alphabetical, and "" (the global majority) under the empty key. A model that reads the question
+    and never the video can reach its accuracy, so it is open QA's chance."""
+    by_question: dict[str, Counter] = {"": Counter()}
+    for q in qa:
+        answer = normalise_answer(q["answer"])
+        by_question.setdefault(normalise_answer(q["question"]), Counter())[answer] += 1
+        by_question[""][answer] += 1
+    return {question: min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else ""
+            for question, counts in by_question.items()}
+
+
+def constant_caption(captions: list[str]) -> str:
+    """The trivial captioner's output for every video: among the train captions of the most frequent length
+    (in words), the most frequent word at each position (ties alphabetical). Scoring it gives captioning's
+    chance: what a decoder reaches that learns the captions' language and never looks at the video."""
+    tokenised = [words(c) for c in captions]
+    if not tokenised:
+        return ""
+    length = min(Counter(map(len, tokenised)).items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    same = [t for t in tokenised if len(t) == length]
+    return " ".join(min(Counter(t[i] for t in same).items(), key=lambda kv: (-kv[1], kv[0]))[0] for i in range(length))
 
 
 class WordVocab:

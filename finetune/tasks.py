@@ -17,7 +17,7 @@ import torch
 from finetune.config import FinetuneConfig
 from finetune.decoder import CaptionDecoder
 from finetune.heads import AnswerClassifier, MultipleChoiceHead, RetrievalHead, TaskModel, video_frames
-from finetune.labels import SplitLabels, WordVocab, answer_vocab, normalise_answer
+from finetune.labels import SplitLabels, WordVocab, answer_vocab, blind_answers, constant_caption, normalise_answer
 from pretrain.metrics import accuracy, caption_metrics, chance_metrics, recall_curve, retrieval_metrics
 from pretrain import distributed as dist_utils
 from pretrain.config import REPO_ROOT, resolve_path
@@ -201,12 +201,16 @@ class MultipleChoiceTask(Task):
 
 class OpenQATask(Task):
     """Classification over the `task.answer_vocab_size` most frequent train answers; every val
-    question counts, so answers outside the vocabulary are wrong."""
-    cols = ["accuracy", "majority"]
+    question counts, so answers outside the vocabulary are wrong. Next to the accuracy: "majority" (the
+    most frequent train answer for every question) and "blind" (each question's most frequent train
+    answer: what a model reaches that reads the question and never the video, open QA's chance)."""
+    cols = ["accuracy", "majority", "blind"]
 
     def __init__(self, cfg: FinetuneConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
-        answers = [q["answer"] for key, meta in self.train_labels.all().items() for q in require(meta, "qa", key, "qa_open")]
+        qa = [q for key, meta in self.train_labels.all().items() for q in require(meta, "qa", key, "qa_open")]
+        answers = [q["answer"] for q in qa]
+        self.blind = blind_answers(qa)
         self.answers = answer_vocab(answers, cfg.task.answer_vocab_size)
         self.index = {a: i for i, a in enumerate(self.answers)}
         if dist_utils.rank() == 0:
@@ -241,15 +245,17 @@ class OpenQATask(Task):
                 ids, mask = self.tokens([q["question"] for _, _, q in chunk], self.cfg.task.question_words)
                 logits = head.logits(backbone, frames[[i for i, _, _ in chunk]], ids, mask)  # (n, A)
                 for (i, j, q), pred in zip(chunk, logits.argmax(1).tolist()):
-                    local[(batch["key"][i], j)] = (self.answers[pred], normalise_answer(q["answer"]))
+                    blind = self.blind.get(normalise_answer(q["question"]), self.blind[""])
+                    local[(batch["key"][i], j)] = (self.answers[pred], normalise_answer(q["answer"]), blind)
         merged = merge_ranks(local)
-        preds, targets = zip(*merged.values()) if merged else ((), ())
+        preds, targets, blind = zip(*merged.values()) if merged else ((), (), ())
         return {"num_questions": len(merged), "accuracy": accuracy(list(preds), list(targets)),
                 "majority": accuracy([self.answers[0]] * len(targets), list(targets)),
+                "blind": accuracy(list(blind), list(targets)),
                 "top_answers": dict(Counter(targets).most_common(10))}
 
     def rows(self, result: dict, name: str) -> dict:
-        return {name: {"accuracy": result["accuracy"], "majority": result["majority"]}}
+        return {name: {k: result[k] for k in self.cols if k in result}}
 
     def headline(self, result: dict) -> float:
         return result["accuracy"]
@@ -265,6 +271,7 @@ class CaptionTask(Task):
         super().__init__(cfg, run_dir)
         captions = [c for meta in self.train_labels.all().values() for c in self.captions(meta)]
         self.vocab = WordVocab.build(captions, cfg.task.caption_min_count)
+        self.constant = constant_caption(captions)  # the same caption for every video: captioning's chance
         if dist_utils.rank() == 0:
             (run_dir / "vocab.json").write_text(json.dumps(self.vocab.itos))
         log.info("caption vocabulary: %d words from %d train captions", len(self.vocab), len(captions))
@@ -304,7 +311,17 @@ class CaptionTask(Task):
         predictions = {k: p for k, (p, _) in merged.items()}
         references = {k: r for k, (_, r) in merged.items()}
         examples = {k: {"prediction": predictions[k], "references": references[k][:3]} for k in sorted(merged)[:5]}
-        return {"num_videos": len(merged), **caption_metrics(predictions, references), "examples": examples}
+        # chance: the scores of one constant caption (the most frequent train word at each position) for every video
+        chance = caption_metrics({k: self.constant for k in merged}, references)
+        # "shuffled": the model's own captions scored against the next video's references (keys sorted, rotated by
+        # one). A decoder that learned the captions' language and ignores the video scores as well here as on the
+        # right videos (and can beat the constant caption, measured); what "after" has above it comes from the video
+        keys = sorted(merged)
+        shuffled = caption_metrics(predictions, {k: references[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)})
+        distinct = len(set(predictions.values()))
+        return {"num_videos": len(merged), **caption_metrics(predictions, references), "examples": examples,
+                "chance": chance, "constant_caption": self.constant, "shuffled": shuffled,
+                "distinct_captions": distinct}
 
     def rows(self, result: dict, name: str) -> dict:
         return {name: {"BLEU4": result["BLEU4"], "CIDEr": result["CIDEr"]}}

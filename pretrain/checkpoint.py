@@ -106,8 +106,11 @@ def save_checkpoint(backend, ckpt_dir: Path, state: TrainState, rank_state: dict
         if dist_utils.rank() == 0:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
         dist_utils.barrier()
-        raise CheckpointError(f"saving checkpoint {ckpt_dir / tag} failed ({error or 'on another rank'}); "
-                              f"the previous checkpoint {latest_tag(ckpt_dir)} is intact")
+        previous = latest_tag(ckpt_dir)
+        raise CheckpointError(f"saving checkpoint {ckpt_dir / tag} failed ({error or 'on another rank'}; "
+                              f"{shutil.disk_usage(ckpt_dir).free / 2**30:.1f} GiB free there now); "
+                              + (f"the previous checkpoint {previous} is intact" if previous else
+                                 "there is no earlier checkpoint"))
     if dist_utils.rank() == 0:
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)

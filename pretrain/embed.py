@@ -220,17 +220,14 @@ def describe(tmp: Path, cfg: Config, init: str, n: int, world_size: int) -> None
     (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def start_process_group() -> torch.device:
+def start_process_group(timeout_s: float) -> torch.device:
     """A process group when launched with several ranks (deepspeed, torchrun: WORLD_SIZE, RANK, MASTER_*),
-    and this rank's device."""
+    with train.dist_timeout_s as its collective timeout, and this rank's device."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.cuda.set_device(device)
+    dist_utils.start_process_group(timeout_s)
     return device
 
 
@@ -241,7 +238,7 @@ def main(argv=None) -> int:
         return failed
     cfg, init, out = checked
     prepare_process()
-    device = start_process_group()
+    device = start_process_group(cfg.train.dist_timeout_s)
     rank, world_size = dist_utils.rank(), dist_utils.world_size()
     try:
         model = build_model(cfg, init).to(device)

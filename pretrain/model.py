@@ -42,6 +42,11 @@ class LossConfig:
     ssl_threshold: float = 0.05
     ssl_label_smoothing: float = 0.01
     ssl_detach_targets: bool = True  # STGT's code lets gradients flow through its soft targets
+    # Our own STGT-from-scratch schedule (not in the paper): the first N optimizer steps train VPC alone
+    # (ssl at weight 0), then the self-similarity loss takes over (vpc at weight 0), so SSL's soft targets
+    # come from features VPC has made distinct. 0: no hand-over, every loss at its weight throughout.
+    # Needs vpc_weight > 0 and ssl_weight > 0, and the step passed to VideoTextModel.forward.
+    vpc_warmup_steps: int = 0
     mlm_probability: float = 0.15
 
     def __post_init__(self):
@@ -50,6 +55,22 @@ class LossConfig:
             raise ValueError("bad value for model.loss.*_weight: expected numbers >= 0, at least one > 0")
         if min(self.temperature, self.mtc_temperature, self.ssl_temperature) <= 0:
             raise ValueError("bad value for model.loss.*temperature: expected numbers > 0")
+        if self.vpc_warmup_steps < 0 or (self.vpc_warmup_steps and not (self.vpc_weight > 0 and self.ssl_weight > 0)):
+            raise ValueError("bad value for model.loss.vpc_warmup_steps: expected 0, or an integer > 0 with "
+                             "model.loss.vpc_weight > 0 and ssl_weight > 0 (VPC alone before it, SSL alone from it; "
+                             f"got {self.vpc_warmup_steps} with vpc_weight {self.vpc_weight}, ssl_weight {self.ssl_weight})")
+
+    def weights(self, step: int | None = None) -> dict[str, float]:
+        """Each loss term's weight at optimizer step `step` (0-based): the *_weight fields, with VPC handing
+        over to SSL at vpc_warmup_steps. The step is needed only when vpc_warmup_steps > 0."""
+        w = {name: getattr(self, f"{name}_weight") for name in ("vpc", "mtc", "ssl", "mlm", "vtm")}
+        if self.vpc_warmup_steps:
+            if step is None:
+                raise ValueError("model.loss.vpc_warmup_steps > 0 needs the optimizer step: call the model with "
+                                 "step=... (the training loop's forward passes it)")
+            warm = step < self.vpc_warmup_steps
+            w["vpc"], w["ssl"] = (w["vpc"], 0.0) if warm else (0.0, w["ssl"])
+        return w
 
     def uses_fusion(self) -> bool:
         return self.mlm_weight > 0 or self.vtm_weight > 0
@@ -197,16 +218,19 @@ class VideoTextModel(nn.Module):
         return F.normalize(self.text_local(sentences), dim=-1), F.normalize(self.text_global(paragraph), dim=-1)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] = _no_gather,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
         """Losses with weight > 0 on a batch (video, input_ids, attention_mask[, depth]): each term
-        unweighted, and the weighted total as "loss"."""
+        unweighted, and the weighted total as "loss". `step` (0-based optimizer step): the loss schedule's
+        (model.loss.vpc_warmup_steps); a term whose weight is 0 at this step is reported, detached."""
         c = self.cfg.loss
+        weights = c.weights(step)
         out = {}
         if c.vpc_weight or c.mtc_weight or c.ssl_weight:
             out.update(self.contrastive_losses(batch, gather, generator))
         if c.uses_fusion():
             out.update(self.fusion_losses(batch))
-        out["loss"] = sum(getattr(c, f"{name}_weight") * value for name, value in out.items())
+        out = {name: value if weights[name] else value.detach() for name, value in out.items()}
+        out["loss"] = sum(weights[name] * value for name, value in out.items() if weights[name])
         return out
 
     def contrastive_losses(self, batch, gather, generator) -> dict[str, torch.Tensor]:

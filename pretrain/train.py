@@ -77,7 +77,7 @@ def train(cfg: Config, run_dir: Path, ds_config_path: str | None, resume: bool, 
     engine, seed = backend.engine, cfg.train.seed
 
     def forward(batch, step, micro):
-        return engine(batch, gather=dist_utils.gather_with_grad, generator=step_generator(seed, step))
+        return engine(batch, gather=dist_utils.gather_with_grad, generator=step_generator(seed, step), step=step)
 
     _, finished = fit(backend, forward, cfg, run_dir, resume, "pretrain", stop=stop)
     return engine, finished

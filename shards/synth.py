@@ -6,6 +6,12 @@ other. One sentence per event, e.g. "a red circle moves left in front of a blue 
 Every video comes from its own numpy Generator seeded by (seed, split, index), so the output
 does not depend on the number of worker processes.
 
+The geometry corpus (`GEOMETRY`, `python -m shards synth --geometry`) is one where a contrastive loss
+can only match paragraphs to videos by reading the relations: every event shows the same three shapes
+(`cast="fixed"`) and the mover always goes right, so the negatives in a batch differ from the positive
+in little but their relations; the mover stays over the still shape for the whole event
+(`motion="overlap"`), so the occlusion that shows the depth order is in every frame; the shapes are larger.
+
 Letters: T frames, S frame size (S x S).
 """
 
@@ -31,6 +37,9 @@ BACKGROUND = (16, 16, 24)
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows down
 RELATIONS = ("depth", "depth+plane")  # SynthSettings.relations
+CASTS = ("random", "fixed")  # SynthSettings.cast
+FIXED_CAST = (("red", "circle"), ("blue", "square"), ("green", "triangle"))  # cast "fixed": mover, still, landmark
+MOTIONS = ("cross", "overlap")  # SynthSettings.motion
 FLIPS = {"depth": ("in front of", "behind"), "plane": ("left of", "right of")}  # relation kind -> its two phrases
 LONG_EVENTS = 8  # `--long`: events per video (the text encoder's default max_sentences)
 SPLITS = {"train": 0, "val": 1}  # the second word of each video's seed: disjoint streams per split
@@ -45,10 +54,25 @@ class SynthSettings:
     event_seconds: float = 2.0
     per_shard: int = 16  # videos per tar
     relations: str = "depth"  # "depth": in front of / behind; "depth+plane": also left of / right of a landmark
+    cast: str = "random"  # "random": colours and shapes drawn per event; "fixed": FIXED_CAST in every event
+    motion: str = "cross"  # "cross": the mover crosses the frame; "overlap": one still-shape radius either side
+    #   of the still shape's centre, so the two overlap (and one occludes the other) in every frame
+    radius: tuple[float, float] = (0.12, 0.18)  # mover and still shape radii, a uniform range in frame sizes
+    directions: tuple[str, ...] = tuple(DIRECTIONS)  # the mover's directions, drawn uniformly
 
     def __post_init__(self):
         if self.relations not in RELATIONS:
             raise ValueError(f"relations must be one of {RELATIONS}, got {self.relations!r}")
+        if self.cast not in CASTS:
+            raise ValueError(f"cast must be one of {CASTS}, got {self.cast!r}")
+        if self.motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {MOTIONS}, got {self.motion!r}")
+        object.__setattr__(self, "radius", tuple(float(r) for r in self.radius))  # lists from JSON or YAML
+        object.__setattr__(self, "directions", tuple(self.directions))
+        if len(self.radius) != 2 or not 0.02 <= self.radius[0] <= self.radius[1] <= 0.3:
+            raise ValueError(f"radius must be (low, high) with 0.02 <= low <= high <= 0.3, got {self.radius}")
+        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
+            raise ValueError(f"directions must be a non-empty subset of {tuple(DIRECTIONS)}, got {self.directions}")
         for name in ("events", "size", "per_shard"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -64,6 +88,11 @@ class SynthSettings:
     @property
     def frames_per_event(self) -> int:
         return round(self.event_seconds * self.fps)
+
+
+# The geometry corpus: SynthSettings(**GEOMETRY, ...). The two relations, the same shapes in every event, one
+# direction, the shapes overlapping in every frame, radii 0.16-0.22 of the frame (5-7 pixels at 32x32).
+GEOMETRY = dict(relations="depth+plane", cast="fixed", motion="overlap", radius=(0.16, 0.22), directions=("right",))
 
 
 @dataclass(frozen=True)
@@ -131,10 +160,12 @@ def flip_relation(sentence: str, kind: str) -> str:
     return flipped
 
 
-def sample_event(rng: np.random.Generator, size: int, plane: bool = False) -> Event:
+def sample_event(rng: np.random.Generator, size: int, plane: bool = False,
+                 settings: SynthSettings = SynthSettings()) -> Event:
     """Two shapes; the mover's path crosses the still shape's centre, so they overlap mid-event.
     plane: a third still shape (the landmark) beside the still one, left or right of it with a clear
-    gap, at the still shape's depth. Without `plane` the random draws are those of the first corpus."""
+    gap, at the still shape's depth. Without `plane` the random draws are those of the first corpus.
+    settings: cast, motion, radius and directions (see SynthSettings); the defaults draw as before."""
     if plane:
         colour_m, colour_s, colour_l = rng.choice(list(COLOURS), size=3, replace=False)
         kind_l = rng.choice(SHAPES)
@@ -143,8 +174,10 @@ def sample_event(rng: np.random.Generator, size: int, plane: bool = False) -> Ev
     else:
         colour_m, colour_s = rng.choice(list(COLOURS), size=2, replace=False)
     kind_m, kind_s = rng.choice(SHAPES, size=2)
-    r_m, r_s = size * rng.uniform(0.12, 0.18, size=2)
-    direction = str(rng.choice(list(DIRECTIONS)))
+    if settings.cast == "fixed":  # the same draws as "random", then the fixed names
+        (colour_m, kind_m), (colour_s, kind_s), (colour_l, kind_l) = FIXED_CAST
+    r_m, r_s = size * rng.uniform(*settings.radius, size=2)
+    direction = str(rng.choice(list(settings.directions)))
     dx, dy = DIRECTIONS[direction]
     centre = size * rng.uniform(0.35, 0.65, size=2)  # (x, y) of the still shape
     if plane:  # room for the landmark on one side: still at 0.22-0.38 of the width, landmark 0.36-0.44 further
@@ -154,6 +187,8 @@ def sample_event(rng: np.random.Generator, size: int, plane: bool = False) -> Ev
     a = 0 if dx else 1  # motion axis: 0 = x, 1 = y
     margin = size * rng.uniform(0, 0.05, size=2)
     lo, hi = r_m + margin[0], size - r_m - margin[1]  # the mover's centre range on that axis
+    if settings.motion == "overlap":  # one still-shape radius either side of its centre: overlapping throughout
+        lo, hi = centre[a] - r_s, centre[a] + r_s
     start = centre.copy()
     start[1 - a] += rng.uniform(-0.4, 0.4) * min(r_m, r_s)  # a little off the still shape's centre
     end = start.copy()
@@ -205,7 +240,7 @@ def render_event(event: Event, n_frames: int, size: int) -> tuple[np.ndarray, np
 def render_video(rng: np.random.Generator, settings: SynthSettings) -> tuple[np.ndarray, np.ndarray, list[Event]]:
     """-> frames (T, S, S, 3) uint8, depth (T, S, S) float16, events; T = events * frames_per_event."""
     plane = settings.relations == "depth+plane"
-    events = [sample_event(rng, settings.size, plane) for _ in range(settings.events)]
+    events = [sample_event(rng, settings.size, plane, settings) for _ in range(settings.events)]
     parts = [render_event(e, settings.frames_per_event, settings.size) for e in events]
     frames = np.concatenate([p[0] for p in parts])
     depth = np.concatenate([p[1] for p in parts]).astype(np.float16)
@@ -299,8 +334,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-videos", type=int, default=64, help="held-out videos (another seed stream)")
     p.add_argument("--events", type=int, default=None, help=f"events (sentences) per video (4; {LONG_EVENTS} with --long)")
     p.add_argument("--long", action="store_true", help=f"long videos: {LONG_EVENTS} events unless --events says otherwise")
-    p.add_argument("--relations", choices=RELATIONS, default="depth",
-                   help="depth: in front of / behind; depth+plane: also the still shape left of / right of a landmark")
+    p.add_argument("--relations", choices=RELATIONS, default=None,
+                   help="depth (the default): in front of / behind; depth+plane: also the still shape left of / "
+                        "right of a landmark")
+    p.add_argument("--geometry", action="store_true", help=f"the geometry corpus {GEOMETRY}; the flags below "
+                   "and --relations override its fields")
+    p.add_argument("--cast", choices=CASTS, default=None, help="random (the default): colours and shapes drawn "
+                   f"per event; fixed: {FIXED_CAST} (mover, still, landmark) in every event")
+    p.add_argument("--motion", choices=MOTIONS, default=None, help="cross (the default): the mover crosses the "
+                   "frame; overlap: it stays over the still shape for the whole event")
+    p.add_argument("--radius", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="mover and still shape radii in frame sizes (default 0.12 0.18)")
+    p.add_argument("--directions", nargs="+", choices=list(DIRECTIONS), default=None,
+                   help="the mover's directions (default all four)")
     p.add_argument("--size", type=int, default=64, help="frame height and width")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--event-seconds", type=float, default=2.0)
@@ -311,8 +357,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     events = args.events if args.events is not None else (LONG_EVENTS if args.long else 4)
+    chosen = {name: getattr(args, name) for name in ("relations", "cast", "motion", "radius", "directions")}
+    corpus = {**(GEOMETRY if args.geometry else {}), **{k: v for k, v in chosen.items() if v is not None}}
     settings = SynthSettings(events=events, size=args.size, fps=args.fps, event_seconds=args.event_seconds,
-                             per_shard=args.per_shard, relations=args.relations)
+                             per_shard=args.per_shard, **corpus)
     for split, n in (("train", args.videos), ("val", args.val_videos)):
         if n < 1:
             raise SystemExit(f"--{'videos' if split == 'train' else 'val-videos'} must be >= 1, got {n}")

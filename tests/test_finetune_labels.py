@@ -6,7 +6,8 @@ import json
 import pytest
 
 from finetune import adapters
-from finetune.labels import WordVocab, answer_vocab, parse_synthetic, synthetic_labels, words
+from finetune.labels import (WordVocab, answer_vocab, blind_answers, constant_caption, parse_synthetic,
+                             synthetic_labels, words)
 from finetune.tasks import paragraph_groups
 from shards.synth import COLOURS, SHAPES
 
@@ -54,6 +55,34 @@ def test_synthetic_statements_and_open_questions():
     assert not any(q["question"] == "which way does the red circle move?" for q in open_qa)
     assert {"question": "what colour is the circle that moves right?", "answer": "red"} in open_qa
     assert synthetic_labels("k", META, 4, "open")["captions"] == [s["text"] for s in META["sentences"]]
+    # colour questions: as many yes as no, yes exactly for the colours the video shows
+    shown = {c for s in META["sentences"] for c in (parse_synthetic(s["text"])["colour"],
+                                                    parse_synthetic(s["text"])["still"].split()[0])}
+    colour_qs = [q for q in open_qa if q["question"].startswith("is there")]
+    assert [q["answer"] for q in colour_qs].count("yes") == [q["answer"] for q in colour_qs].count("no") == 2
+    for q in colour_qs:
+        assert (q["question"].split()[3] in shown) == (q["answer"] == "yes"), q
+
+
+def test_multiple_choice_distractors_never_share_a_colour_with_the_question():
+    """The text alone cannot pick the mover: no choice has the still shape's colour, and no two share a colour."""
+    for key in "abcdefgh":
+        for q in synthetic_labels(key, META, 4, "question")["qa"]:
+            still_colour = q["question"].split(" the ")[-1].split()[0]
+            colours = [c.split()[0] for c in q["choices"]]
+            assert still_colour not in colours and len(set(colours)) == 4, q
+
+
+def test_chance_baselines_of_open_qa_and_captioning():
+    qa = [{"question": "which way?", "answer": "left"}, {"question": "Which way", "answer": "left"},
+          {"question": "which way?", "answer": "up"}, {"question": "what colour?", "answer": "red"},
+          {"question": "what colour?", "answer": "blue"}]
+    # per question its most frequent answer (ties alphabetical); "" the overall majority
+    assert blind_answers(qa) == {"": "left", "which way": "left", "what colour": "blue"}
+    captions = ["a red circle moves left", "a blue circle moves left", "a blue square moves up", "two words"]
+    # the most common length is 5 words; at each position the most frequent word of those captions
+    assert constant_caption(captions) == "a blue circle moves left"
+    assert constant_caption([]) == ""
 
 
 def test_vocabularies():

@@ -131,7 +131,7 @@ def test_task_wiring_multi_node_layout(fake_slurm, node, local_size):
     out = run([str(SLURM / "task.sh"), "env"], env=env)
     got = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"]) == ("10", "11", "1")
-    assert got["LOCAL_WORLD_SIZE"] == local_size
+    assert got["LOCAL_WORLD_SIZE"] == got["LOCAL_SIZE"] == local_size
     assert got["MASTER_ADDR"] == "gpu07"
     assert got["MASTER_PORT"] == str(15000 + 123456 % 15000)
     assert log.read_text().splitlines() == ["scontrol show hostnames gpu[07-09,12]"]  # the step's node list
@@ -283,7 +283,7 @@ import json, os, torch, torch.distributed as dist
 dist.init_process_group("gloo", init_method="env://")  # what deepspeed.init_distributed() does on CPU
 total = torch.tensor([dist.get_rank() + 1])
 dist.all_reduce(total)
-keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
         "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID", "SLURMD_NODENAME"]
 print("WIRING " + json.dumps({**{k: os.environ[k] for k in keys}, "sum": int(total)}), flush=True)
 dist.destroy_process_group()
@@ -303,7 +303,7 @@ def test_task_wiring_connects_two_ranks(slurm, nodes):
     for r in ranks:
         node = 0 if nodes == 1 else int(r["RANK"])  # two nodes: rank 0 on the first, rank 1 on the second
         assert (r["SLURM_NODEID"], r["SLURMD_NODENAME"]) == (str(node), job_nodes[node])
-        assert r["WORLD_SIZE"] == "2" and r["LOCAL_WORLD_SIZE"] == str(2 // nodes)
+        assert r["WORLD_SIZE"] == "2" and r["LOCAL_WORLD_SIZE"] == r["LOCAL_SIZE"] == str(2 // nodes)
         assert r["LOCAL_RANK"] == (r["RANK"] if nodes == 1 else "0")  # local rank = global rank on one node only
         assert r["MASTER_ADDR"] == slurm.address(job_nodes[0])  # where rank 0 runs
         assert r["MASTER_PORT"] == str(15000 + int(job) % 15000)  # from the job id
@@ -382,6 +382,9 @@ def test_pretrain_job_saves_requeues_and_resumes_at_the_time_limit(slurm, data, 
             assert len(set(job_nodes)) == nodes and placed == want, (node_list, lines)
             print(f"run on {node_list}: " + "; ".join(f"ranks {m[4]}.. on node {m[1]} {m[0]} (host {m[3]})"
                                                       for m in lines))
+        # DeepSpeed's shared-memory all-reduce on one node (task.sh's LOCAL_SIZE = WORLD_SIZE), never across two
+        shm = re.findall(r"DeepSpeed's shared-memory all-reduce (on \(all ranks on this node\)|off)", text)
+        assert shm == ["on (all ranks on this node)" if nodes == 1 else "off"] * 4, shm  # 2 ranks x 2 runs
         assert "SIGUSR1 (time limit near)" in first  # the batch shell's trap ran
         stops = [(m[0], int(m[1])) for m in re.findall(r"signal (SIGUSR1|on another rank): stopping at step (\d+)",
                                                        first)]

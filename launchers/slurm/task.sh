@@ -9,6 +9,8 @@
 #   WORLD_SIZE       <- SLURM_NTASKS
 #   LOCAL_RANK       <- SLURM_LOCALID                  (the GPU this rank uses on its node)
 #   LOCAL_WORLD_SIZE <- this node's entry of SLURM_STEP_TASKS_PER_NODE, e.g. "8(x3),4"
+#   LOCAL_SIZE       <- the same, DeepSpeed's name: on CPUs its shared-memory all-reduce runs only when
+#                       LOCAL_SIZE equals WORLD_SIZE (every rank on one node), as under its own launcher
 #   MASTER_ADDR      <- first node of SLURM_STEP_NODELIST (where rank 0 runs): its name, or where that
 #                       name is no host name (NodeName=n1 NodeAddr=10.0.0.1, local-cluster.sh's nodes)
 #                       its NodeAddr from `scontrol show node`
@@ -47,7 +49,8 @@ if ! getent hosts "$first_node" >/dev/null 2>&1; then  # a node name that no res
   addr=$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
   MASTER_ADDR=${addr:-$first_node}
 fi
-export LOCAL_WORLD_SIZE MASTER_ADDR
+LOCAL_SIZE=$LOCAL_WORLD_SIZE
+export LOCAL_WORLD_SIZE LOCAL_SIZE MASTER_ADDR
 export MASTER_PORT=${LONGVL_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
 if [ "$LOCAL_RANK" = 0 ]; then  # one line per node: which node (and host) holds which ranks
   echo "task.sh: node ${SLURMD_NODENAME:-?} ($SLURM_NODEID of ${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-?}}," \
