@@ -19,6 +19,10 @@ contrastive loss read the relations. "geometry" (`shards.synth.GEOMETRY`) shows 
 in every event, moving the same way and overlapping in every frame, so the relations (in front of /
 behind, left of / right of) are what tells paragraphs apart, and the occlusion that shows the depth
 order is in every sampled frame.
+
+The image rows (`vit_image`, `graph_image`, `stgt_image*`) start the video encoder from a ViT that
+`benchmarks/image_pretrain.py` pretrains on single frames of the same corpus, once per corpus (into
+DATA_vit next to --data; a finished folder with the same settings is reused).
 """
 from __future__ import annotations
 
