@@ -205,6 +205,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# --all: every comparison of the README's ablation in one command: (corpus, variants, seeds, steps) per group
+GEOMETRY_VARIANTS = ["baseline", "full5", "dast"]  # DAST against its control where depth decides
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=96, help="optimizer steps per run (batch 8)")
@@ -215,14 +219,26 @@ def parse_args(argv=None):
     p.add_argument("--corpus", choices=CORPORA, default="captions",
                    help="captions: colours and shapes drawn per event; geometry: the same shapes in every event, "
                         "only the relations tell paragraphs apart (see the module docstring)")
+    p.add_argument("--all", action="store_true",
+                   help="every row of both corpora: --variants on the captions corpus over --seeds x --steps, then "
+                        f"{' '.join(GEOMETRY_VARIANTS)} on the geometry corpus over --geometry-seeds x "
+                        "--geometry-steps; one table per corpus")
+    p.add_argument("--geometry-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--geometry-steps", type=int, default=192)
     p.add_argument("--size", type=int, default=32, help="frame height and width of the corpus and the model input")
     p.add_argument("--data", default=None, help="corpus folder, built if missing (default runs/ablation/data32 "
-                   "for the captions corpus at 32 pixels, else runs/ablation/CORPUS{SIZE}; quick-... with --quick)")
+                   "for the captions corpus at 32 pixels, else runs/ablation/CORPUS{SIZE}; quick-... with --quick); "
+                   "with --all, the captions corpus's folder")
     p.add_argument("--out", default=str(REPO / "runs/ablation/results.json"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process (one torch thread each "
+                   "when > 1); every finished run is kept in OUT.runs.jsonl, and a rerun with the same settings "
+                   "skips the runs found there")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: up to 2, or 1 "
+                   "with --jobs > 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 8 training and 4 held-out videos of 4 events")
     p.add_argument("--tables", nargs="+", metavar="JSON", help="print one table from earlier --out files "
                    "(e.g. variants run separately) and write it to --out; trains nothing")
+    p.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)  # internal: one run, for --jobs
     return p.parse_args(argv)
 
 
@@ -247,59 +263,163 @@ def merge_tables(paths: list[str], out: Path) -> int:
     return 0
 
 
+def run_one(task: dict) -> dict:
+    """One (variant, seed) run: train, then score on the held-out split -> its metrics."""
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    from probes import evaluate_probes
+
+    t = time.perf_counter()
+    model, cfg, sps = train_variant(task["overrides"], task["seed"], task["steps"])
+    metrics = evaluate_probes(model, cfg)
+    return metrics | {"samples_per_s": sps, "gflops": gflops(cfg), "seconds": time.perf_counter() - t,
+                      "seed": task["seed"], "batch_size": cfg.data.batch_size}
+
+
+def data_folder(args, corpus: str) -> Path:
+    if args.data is not None and (corpus == args.corpus or args.all and corpus == "captions"):
+        return Path(args.data).resolve()
+    name = ("quick-" if args.quick else "") + ("data" if corpus == "captions" else corpus)
+    return (REPO / "runs/ablation" / f"{name}{args.size}").resolve()  # --quick's 4-event corpus has its own
+
+
+def plan(args) -> list[dict]:
+    """The groups to run: [{corpus, variants, seeds, steps}], one table each."""
+    groups = [{"corpus": args.corpus, "variants": args.variants, "seeds": args.seeds, "steps": args.steps}]
+    if args.all:
+        groups = [{"corpus": "captions", "variants": args.variants, "seeds": args.seeds, "steps": args.steps},
+                  {"corpus": "geometry", "variants": GEOMETRY_VARIANTS, "seeds": args.geometry_seeds,
+                   "steps": args.geometry_steps}]
+    if args.quick:
+        for g in groups:
+            g["steps"], g["seeds"] = 2, g["seeds"][:1]
+    return groups
+
+
+def run_key(task: dict) -> str:
+    """What makes two runs the same run (the cache's key)."""
+    return json.dumps({k: task[k] for k in ("corpus", "variant", "seed", "steps", "overrides")}, sort_keys=True)
+
+
+def run_tasks(tasks: list[dict], jobs: int, cache: Path) -> dict[str, dict]:
+    """Every task's metrics by run_key: from the cache, else run (in this process with --jobs 1, else up to
+    `jobs` child processes at once, their output in OUT.logs/). Each finished run is appended to the cache."""
+    done = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[record["key"]] = record["metrics"]
+    todo = [t for t in tasks if run_key(t) not in done]
+    if len(todo) < len(tasks):
+        print(f"{len(tasks) - len(todo)} of {len(tasks)} runs found in {cache}; running {len(todo)}", flush=True)
+    t0 = time.perf_counter()
+
+    def finished(task, metrics):
+        done[run_key(task)] = metrics
+        with cache.open("a") as f:
+            f.write(json.dumps({"key": run_key(task), "metrics": metrics}) + "\n")
+        n = len(tasks) - sum(run_key(t) not in done for t in tasks)
+        print(f"[{n}/{len(tasks)}, {(time.perf_counter() - t0) / 60:.1f} min] {task['corpus']} {task['variant']} "
+              f"seed {task['seed']}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in metrics.items() if not k.endswith("_n")), flush=True)
+
+    if jobs <= 1:
+        for task in todo:
+            finished(task, run_one(task))
+        return done
+    import signal
+    import subprocess
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through the finally below: children stopped too
+    logs = cache.with_name(cache.name.removesuffix(".runs.jsonl") + ".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    running, queue = [], list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                task = queue.pop(0)
+                name = f"{task['corpus']}-{task['variant']}-seed{task['seed']}"
+                out = logs / f"{name}.json"
+                out.unlink(missing_ok=True)
+                log = (logs / f"{name}.log").open("w")
+                proc = subprocess.Popen([sys.executable, __file__, "--one", json.dumps(task | {"out": str(out)})],
+                                        stdout=log, stderr=subprocess.STDOUT)
+                running.append((proc, task, out, log))
+            time.sleep(1.0)
+            for item in list(running):
+                proc, task, out, log = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                if proc.returncode != 0 or not out.is_file():
+                    raise SystemExit(f"{task['corpus']} {task['variant']} seed {task['seed']} failed (exit "
+                                     f"{proc.returncode}); see {log.name} in {logs}")
+                finished(task, json.loads(out.read_text()))
+    finally:  # an error or a signal: no run left behind; finished runs stay in the cache
+        for proc, *_ in running:
+            proc.terminate()
+        for proc, *_ in running:
+            proc.wait(timeout=60)
+    return done
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.tables:
         return merge_tables(args.tables, Path(args.out))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
-    from probes import evaluate_probes
-
+    if args.one:
+        task = json.loads(args.one)
+        Path(task["out"]).write_text(json.dumps(run_one(task)))
+        return 0
     events, extra = 8, []
     if args.quick:
-        args.steps, args.seeds, args.videos, args.val_videos, events = 2, args.seeds[:1], 8, 4, 4
+        args.videos, args.val_videos, events = 8, 4, 4
         extra = ["data.batch_size=4", "data.num_workers=0", "model.embed_dim=32"]
-    if args.data is None:
-        name = ("quick-" if args.quick else "") + ("data" if args.corpus == "captions" else args.corpus)
-        args.data = str(REPO / "runs/ablation" / f"{name}{args.size}")  # --quick's 4-event corpus has its own
-    data = Path(args.data).resolve()
+    threads = args.threads or (1 if args.jobs > 1 else max(1, min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    make_corpus(data, args.videos, args.val_videos, events, args.size, args.corpus)
-    extra += [f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"data.size={args.size}"]
-    fill = {"grid": args.size // 8, "half": args.steps // 2, "image": None}
-    if any(IMAGE in VARIANTS[name][1] for name in args.variants):  # trained once per corpus, then reused
-        from image_pretrain import ImagePretrainConfig, ensure_image_encoder
+    groups, tasks = plan(args), []
+    for g in groups:
+        data = data_folder(args, g["corpus"])
+        make_corpus(data, args.videos, args.val_videos, events, args.size, g["corpus"])
+        fill = {"grid": args.size // 8, "half": g["steps"] // 2, "image": None}
+        if any(IMAGE in VARIANTS[name][1] for name in g["variants"]):  # trained once per corpus, then reused
+            from image_pretrain import ImagePretrainConfig, ensure_image_encoder
 
-        fill["image"] = ensure_image_encoder(data, data.parent / f"{data.name}_vit",
-                                             ImagePretrainConfig(image_size=args.size, steps=2 if args.quick else 400))
-    results = {}
-    for name in args.variants:
-        label, overrides, _ = VARIANTS[name]
-        overrides = [o.format(**fill) for o in overrides]
-        runs = []
-        for seed in args.seeds:
-            t = time.perf_counter()
-            model, cfg, sps = train_variant([*extra, *overrides], seed, args.steps)
-            metrics = evaluate_probes(model, cfg)
-            metrics.update(samples_per_s=sps, gflops=gflops(cfg), seconds=time.perf_counter() - t, seed=seed)
-            runs.append(metrics)
-            print(f"{label} seed {seed}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in metrics.items() if not k.endswith("_n")), flush=True)
-            del model
-        results[name] = {"label": label, "overrides": overrides, "runs": runs,
-                         "summary": {key: summarise([r[key] for r in runs]) for key, _ in COLUMNS}}
-    table = markdown(results)
-    print(f"\n{args.corpus} corpus at {args.size}x{args.size}, "
-          f"{len(args.seeds)} seeds x {args.steps} steps (batch {cfg.data.batch_size}), "
-          f"{results[args.variants[0]]['runs'][0]['num_videos']} held-out videos; mean ± std over seeds; "
-          f"probes: % of pairwise comparisons won (chance 50)\n\n{table}\n", flush=True)
+            fill["image"] = ensure_image_encoder(data, data.parent / f"{data.name}_vit",
+                                                 ImagePretrainConfig(image_size=args.size,
+                                                                     steps=2 if args.quick else 400))
+        g["data"] = str(data)
+        common = [*extra, f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"data.size={args.size}"]
+        for name in g["variants"]:
+            overrides = [*common, *(o.format(**fill) for o in VARIANTS[name][1])]
+            tasks += [{"corpus": g["corpus"], "variant": name, "seed": seed, "steps": g["steps"],
+                       "overrides": overrides, "threads": threads} for seed in g["seeds"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "quick": args.quick,
-                               "corpus": args.corpus, "size": args.size,
-                               "wall_seconds": time.perf_counter() - t0, "table": table, "results": results}, indent=1))
+    done = run_tasks(tasks, args.jobs, out.with_name(out.name + ".runs.jsonl"))
+    tables = []
+    for g in groups:
+        results = {}
+        for name in g["variants"]:
+            runs = [done[run_key(t)] for t in tasks if t["corpus"] == g["corpus"] and t["variant"] == name]
+            results[name] = {"label": VARIANTS[name][0], "overrides": VARIANTS[name][1], "runs": runs,
+                             "summary": {key: summarise([r[key] for r in runs]) for key, _ in COLUMNS}}
+        table = markdown(results)
+        first = results[g["variants"][0]]["runs"][0]
+        print(f"\n{g['corpus']} corpus at {args.size}x{args.size}, {len(g['seeds'])} seeds x {g['steps']} steps "
+              f"(batch {first['batch_size']}), {first['num_videos']} held-out videos; mean ± std over seeds; "
+              f"probes: % of pairwise comparisons won (chance 50)\n\n{table}\n", flush=True)
+        tables.append({"steps": g["steps"], "seeds": g["seeds"], "quick": args.quick, "corpus": g["corpus"],
+                       "size": args.size, "table": table, "results": results})
+    wall = time.perf_counter() - t0
+    cpu = sum(done[run_key(t)]["seconds"] for t in tasks) / 60
+    print(f"{len(tasks)} runs, {args.jobs} at a time: {wall / 60:.1f} min wall ({cpu:.1f} min of runs)", flush=True)
+    record = tables[0] if len(tables) == 1 else {"all": True, "tables": tables}
+    out.write_text(json.dumps(record | {"wall_seconds": wall, "jobs": args.jobs, "threads": threads}, indent=1))
     return 0
 
 
