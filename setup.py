@@ -18,6 +18,7 @@ setup(
         "s3fs>=2024.1",  # unpinned, pip backtracks to 0.4 (2019) to fit boto3: slow and unmaintained
         "tensorboard",
         "av>=14",  # VideoFrame.rotation (display matrices of phone videos)
+        "pillow",  # JPEG image samples: decoded by the loader, checked and re-encoded by shards build
         "tqdm",
         "pyyaml",
         "numpy",

@@ -31,6 +31,7 @@ class Tokens:
     # after token dropping (grid None): a frame's tokens are whole 2^z x 2^z patch blocks, each in Z order,
     # so z more 2x2 merges can take consecutive fours (pretrain/video_encoder.py `block_patches`)
     z_levels: int = 0
+    image: bool = False  # an image batch (one frame): a depth stage may have no depth tokens (image_depth=skip)
 
 
 class QuickGELU(nn.Module):
@@ -146,8 +147,10 @@ class DepthBlock(Block):
         self.attn = BandDepthAttention(dim, depth_dim, heads, window)
 
     def attend(self, t: Tokens, y: torch.Tensor, c: torch.Tensor | None):
-        assert t.depth is not None, "a depth-attention stage needs depth maps in the batch (shards with KEY.depth.npz)"
         assert not t.frames_merged, "depth attention needs the original frames"
+        if t.depth is None:  # model.video.image_depth=skip: no depth keys to attend to, so no update
+            assert t.image, "a depth-attention stage needs depth maps in the batch (shards with KEY.depth.npz)"
+            return torch.zeros_like(y), None
         return self.attn(y, t.depth), None
 
 
@@ -169,9 +172,9 @@ class DividedBlock(nn.Module):
         B, T, N, D = x.shape
         y, keys = self.temporal(self.norm_t(x).transpose(1, 2).reshape(B * N, T, D))  # (B*N, T, D)
         x = x + y.view(B, N, T, D).transpose(1, 2)  # (B, T, N, D)
-        if self.r_t:
+        if self.r_t:  # one frame (an image) has no pair to merge: skipped, T and the order stay
             x, size = merge_frames(x, size, keys.view(B, N, T, -1).transpose(1, 2), self.r_t)
-            t = replace(t, frames_merged=True)
+            t = replace(t, frames_merged=t.frames_merged or x.shape[1] < T)
             T = x.shape[1]
         y, dc, keys = attend_per_frame(self.spatial, self.norm_s(x), None if cls is None else self.norm_s(cls))
         x = x + y  # (B, T, N, D)

@@ -27,7 +27,7 @@ import torch
 
 from pretrain import distributed as dist_utils
 from pretrain.config import REPO_ROOT
-from shards.loader import epoch_start_state
+from shards.loader import resized_state
 
 log = logging.getLogger("train")
 LATEST = "latest"
@@ -136,7 +136,8 @@ def load_checkpoint(backend, ckpt_dir: Path, data_cfg, seed: int) -> tuple[Train
     or None when there is none. Written at another world size, it goes through the backend's
     `load_resized` (DeepSpeed's universal checkpoint), and the data stream restarts at the epoch after the
     furthest any old worker reached (positions of old workers do not map onto new ones: nothing is seen
-    twice; the unseen rest of the interrupted epoch is skipped, and logged)."""
+    twice; the unseen rest of the interrupted epoch is skipped, and logged): `shards.loader.resized_state`,
+    which also continues a mixture's schedule at its saved batch and carries the samples seen per source over."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -151,11 +152,13 @@ def load_checkpoint(backend, ckpt_dir: Path, data_cfg, seed: int) -> tuple[Train
         return state, mine["data"]
     backend.load_resized(ckpt_dir, tag)
     torch.manual_seed(rank_seed(seed, rank) + state.step)
-    epoch = 1 + max(int(e) for r in state.ranks for e, _ in r["data"]["epoch_pos"].values())
+    data = resized_state(data_cfg, rank, ws, [r["data"] for r in state.ranks], root=str(REPO_ROOT))
     if rank == 0:
+        epoch = next(iter(data["epoch_pos"].values()))[0]  # the same for every worker of every source
         log.warning("loaded checkpoint %s/%s written by %d ranks into %d (step %d); the data stream restarts at "
-                    "epoch %d", ckpt_dir, tag, state.world_size, ws, state.step, epoch)
-    return state, epoch_start_state(data_cfg, rank, ws, epoch, root=str(REPO_ROOT))
+                    "epoch %d%s", ckpt_dir, tag, state.world_size, ws, state.step, epoch,
+                    f", the mixture's schedule at batch {data['position']}" if "mixture" in data else "")
+    return state, data
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 
 from pretrain.image_init import ImageInitError, check_fit, family_keys, read_image_model
-from pretrain.model import ModelConfig
+from pretrain.model import IMAGE_LOSSES, ModelConfig
 from pretrain.video_encoder import PRESETS, preset_values
 from shards.loader import DataConfig
 
@@ -149,7 +149,9 @@ class Config:
         return out
 
     def check_data_and_video(self) -> None:
-        """Cross-field checks of what every command builds: the data and the encoders that read it."""
+        """Cross-field checks of what every command builds: the data and the encoders that read it. They hold for
+        image batches too (one frame, one caption): HTWA's windows are clipped to the one frame, and the
+        clip checks (local_stage, MTC's num_key / num_value) concern video batches, the only ones with clips."""
         v, d, text = self.model.video, self.data, self.model.text
         frames = d.num_clips * d.frames_per_clip
         check_value(frames <= v.max_frames, "data.num_clips * data.frames_per_clip",
@@ -201,6 +203,17 @@ class Config:
             check_value(d.batch_size >= 4, "data.batch_size",
                    "at least 4 with model.loss.mlm_weight or vtm_weight > 0 (video-text matching pairs 2 "
                    "negatives and 2 positives per rank)")
+        # what the config says of each source's kind; a source whose kind only its index.json gives (media "") is
+        # checked before launch (pretrain/prelaunch.py), where the shard sets are read
+        self.check_image_sources([s.name for s in d.sources if s.media == "image"], "media: image")
+
+    def check_image_sources(self, images: list[str], how: str) -> None:
+        """model.loss.image_losses = [] refuses image batches: a ConfigError naming both fields when train sources
+        `images` are image sets (`how`: what says so, e.g. "media: image" or "index.json says media image")."""
+        check_value(not images or bool(self.model.loss.image_losses), "model.loss.image_losses",
+                    f"a non-empty list of the losses image batches compute (among {', '.join(IMAGE_LOSSES)}): "
+                    f"data.train_shards has image sources ({', '.join(images)}: {how}) and [] refuses image batches; "
+                    f"set model.loss.image_losses (default {list(IMAGE_LOSSES)}) or remove those sources")
 
 
 # ---- building dataclasses from plain dicts ---------------------------------------------------
@@ -240,12 +253,18 @@ def _coerce(tp, value, path: str):
             raise ConfigError(f"bad value for {path}: expected one of {allowed}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):  # e.g. int | list[int]: the first alternative that fits
+        errors = []
         for alternative in typing.get_args(tp):
             try:
                 return _coerce(alternative, value, path)
-            except ConfigError:
-                pass
-        names = " or ".join(a.__name__ if isinstance(a, type) else str(a) for a in typing.get_args(tp))
+            except ConfigError as e:
+                errors.append((alternative, e))
+        # a value of one alternative's shape (a list for list[...], a mapping for a section) is that alternative
+        # gone wrong inside: its own error names the item and key (data.train_shards[1].wieght), not the union
+        for alternative, e in errors:
+            if _same_shape(alternative, value):
+                raise e
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
         raise ConfigError(f"bad value for {path}: expected {names}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -266,6 +285,23 @@ def _coerce(tp, value, path: str):
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise ConfigError(f"bad value for {path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _same_shape(tp, value) -> bool:
+    """Whether `value` has the outer shape of type `tp`: a list for list[...], a mapping for a dataclass."""
+    if typing.get_origin(tp) is list:
+        return isinstance(value, (list, tuple))
+    return dataclasses.is_dataclass(tp) and isinstance(value, dict)
+
+
+def _type_name(tp) -> str:
+    """How an error names a type: str, list[int], list of {name, path, weight, media} (a dataclass's keys)."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return f"list of {_type_name(item)}" if dataclasses.is_dataclass(item) else f"list[{_type_name(item)}]"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
+    return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
 def to_dict(cfg) -> dict:

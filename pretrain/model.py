@@ -1,10 +1,20 @@
 """The video-language model: hierarchical encoders, projection heads, fusion stack and objectives.
 
 Letters: B batch, M clips = sentences per video, L tokens per sentence, E embedding width.
+M and the frame count T are read from each batch, never from the data config.
 Which objectives run, and their weights, is `model.loss`: stage 1 is contrastive (VPC + MTC, or
 STGT's self-similarity loss), stage 2 is MLM + VTM over a frozen stage-1 model (`model.freeze`,
 `model.init_from`). The model knows nothing of DeepSpeed or process groups: the caller passes
 `gather`, which concatenates a tensor over ranks with gradients, and seeded generators.
+
+Image batches (`batch["media"] == "image"`; video batches say "video" or have no "media"): "video" (B, 1, 3, H, W),
+"input_ids" / "attention_mask" (B, 1, L), the caption as a one-sentence paragraph, usually no "depth". They run
+through the same encoders as a one-frame video with one clip (pretrain/video_encoder.py says what each
+attention kind does with one frame) and compute only the losses named in `model.loss.image_losses` (VPC with
+the caption as the paragraph, the self-similarity loss, MLM and VTM); MTC, which orders M > 1 clips of a video,
+is never computed on them, and a loss not computed is absent from the batch's loss dict (not logged as 0).
+The batch must be all images or all videos on every rank at a step (the loader's mixture draws one source per
+step for every rank): the losses all-gather over ranks, and MTC's gathers run on video steps only.
 """
 from __future__ import annotations
 
@@ -23,6 +33,10 @@ from pretrain import losses
 from pretrain.fusion import FusionEncoder
 from pretrain.text_encoder import HierarchicalTextEncoder, TextEncoderConfig
 from pretrain.video_encoder import VideoEncoder, VideoEncoderConfig
+
+
+LOSSES = ("vpc", "mtc", "ssl", "mlm", "vtm")
+IMAGE_LOSSES = ("vpc", "ssl", "mlm", "vtm")  # the losses an image batch (one frame, one caption) can give
 
 
 @dataclass
@@ -48,6 +62,11 @@ class LossConfig:
     # Needs vpc_weight > 0 and ssl_weight > 0, and the step passed to VideoTextModel.forward.
     vpc_warmup_steps: int = 0
     mlm_probability: float = 0.15
+    # Image batches (batch["media"] == "image": one frame, the caption as the paragraph, M = 1): the losses computed
+    # on them, among vpc, ssl, mlm, vtm, each only when its weight is > 0 (as on videos); the rest are not computed
+    # and absent from the batch's loss dict. mtc is never allowed (it orders M > 1 clips of one video). [] refuses
+    # image batches with an error. A non-empty list must hold a loss with weight > 0 at every step of the schedule.
+    image_losses: list[str] = field(default_factory=lambda: list(IMAGE_LOSSES))
 
     def __post_init__(self):
         weights = [self.vpc_weight, self.mtc_weight, self.ssl_weight, self.mlm_weight, self.vtm_weight]
@@ -59,11 +78,29 @@ class LossConfig:
             raise ValueError("bad value for model.loss.vpc_warmup_steps: expected 0, or an integer > 0 with "
                              "model.loss.vpc_weight > 0 and ssl_weight > 0 (VPC alone before it, SSL alone from it; "
                              f"got {self.vpc_warmup_steps} with vpc_weight {self.vpc_weight}, ssl_weight {self.ssl_weight})")
+        self.check_image_losses()
+
+    def check_image_losses(self) -> None:
+        """image_losses: distinct names of IMAGE_LOSSES, and, unless [], one with weight > 0 at every step."""
+        names = self.image_losses
+        is_list = isinstance(names, (list, tuple))
+        if not is_list or any(n not in IMAGE_LOSSES for n in names) or len(set(names)) < len(names):
+            why = " (mtc orders M > 1 clips of one video; an image batch has one)" if is_list and "mtc" in names else ""
+            raise ValueError(f"bad value for model.loss.image_losses: expected a list of distinct names among "
+                             f"{', '.join(IMAGE_LOSSES)}, or [] to refuse image batches{why} (got {names!r})")
+        phases = [0] + ([self.vpc_warmup_steps] if self.vpc_warmup_steps else [])  # the schedule's weight sets
+        for step in phases if names else []:
+            w = self.weights(step)
+            if not any(w[n] > 0 for n in names):
+                when = f" from step {step} (model.loss.vpc_warmup_steps)" if step else ""
+                raise ValueError(f"bad value for model.loss.image_losses: expected at least one loss with weight > 0"
+                                 f"{when}, or [] when the run has no image batches (got {list(names)}, and the "
+                                 f"weights are {', '.join(f'{k} {v:g}' for k, v in w.items())})")
 
     def weights(self, step: int | None = None) -> dict[str, float]:
         """Each loss term's weight at optimizer step `step` (0-based): the *_weight fields, with VPC handing
         over to SSL at vpc_warmup_steps. The step is needed only when vpc_warmup_steps > 0."""
-        w = {name: getattr(self, f"{name}_weight") for name in ("vpc", "mtc", "ssl", "mlm", "vtm")}
+        w = {name: getattr(self, f"{name}_weight") for name in LOSSES}
         if self.vpc_warmup_steps:
             if step is None:
                 raise ValueError("model.loss.vpc_warmup_steps > 0 needs the optimizer step: call the model with "
@@ -74,6 +111,12 @@ class LossConfig:
 
     def uses_fusion(self) -> bool:
         return self.mlm_weight > 0 or self.vtm_weight > 0
+
+    def computed(self, image: bool) -> set[str]:
+        """The terms a batch computes: those with a configured weight > 0, and on an image batch only those
+        of image_losses."""
+        names = {n for n in LOSSES if getattr(self, f"{n}_weight") > 0}
+        return names & set(self.image_losses) if image else names
 
 
 @dataclass
@@ -145,6 +188,20 @@ def _no_gather(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def is_image_batch(batch: dict) -> bool:
+    """Whether `batch` is an image batch (media "image"), checking its shapes: one frame and one caption."""
+    media = batch.get("media", "video")
+    if media not in ("image", "video"):
+        raise ValueError(f"batch['media'] must be 'image' or 'video' (or absent: video), got {media!r}")
+    if media == "video":
+        return False
+    T, M = batch["video"].shape[1], batch["input_ids"].shape[1]
+    if T != 1 or M != 1:
+        raise ValueError(f"an image batch (source {batch.get('source', '?')!r}) must hold one frame and one caption: "
+                         f"video (B, 1, 3, H, W) and input_ids (B, 1, L); got {T} frames and {M} sentences")
+    return True
+
+
 class VideoTextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, pretrained_text: bool = True):
         """pretrained_text=False: the text encoder is built from its folder's config without reading its
@@ -205,10 +262,11 @@ class VideoTextModel(nn.Module):
                 p.requires_grad_(False)
 
     def encode_video(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None):
+                     generator: torch.Generator | None = None, image: bool = False):
         """-> clip embeddings (B, M, E) (None if the encoder merges frames first), video embedding (B, E).
-        `generator`: token dropping's draws in training (model.video.drop_ratio), else the global RNG."""
-        clips, whole = self.video(video, num_clips, depth, generator=generator)  # (B, M, Dc), (B, Dv)
+        `generator`: token dropping's draws in training (model.video.drop_ratio), else the global RNG.
+        image=True: images (B, 1, 3, H, W), num_clips 1 (the encoder's one-frame path)."""
+        clips, whole = self.video(video, num_clips, depth, generator=generator, image=image)  # (B, M, Dc), (B, Dv)
         clips = F.normalize(self.video_local(clips), dim=-1) if clips is not None else None
         return clips, F.normalize(self.video_global(whole), dim=-1)
 
@@ -219,42 +277,52 @@ class VideoTextModel(nn.Module):
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] = _no_gather,
                 generator: torch.Generator | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
-        """Losses with weight > 0 on a batch (video, input_ids, attention_mask[, depth]): each term
-        unweighted, and the weighted total as "loss". `step` (0-based optimizer step): the loss schedule's
-        (model.loss.vpc_warmup_steps); a term whose weight is 0 at this step is reported, detached."""
+        """Losses with weight > 0 on a batch (video, input_ids, attention_mask[, depth][, media, source]): each
+        term unweighted, and the weighted total as "loss". `step` (0-based optimizer step): the loss schedule's
+        (model.loss.vpc_warmup_steps); a term whose weight is 0 at this step is reported, detached. An image
+        batch computes only model.loss.image_losses; the other terms are absent from its dict."""
         c = self.cfg.loss
+        image = is_image_batch(batch)
+        if image and not c.image_losses:
+            raise ValueError(f"an image batch (source {batch.get('source', '?')!r}), and model.loss.image_losses is "
+                             f"[]: this run takes no images; list the losses to compute on them "
+                             f"({', '.join(IMAGE_LOSSES)})")
         weights = c.weights(step)
+        names = c.computed(image)
         out = {}
-        if c.vpc_weight or c.mtc_weight or c.ssl_weight:
-            out.update(self.contrastive_losses(batch, gather, generator))
-        if c.uses_fusion():
-            out.update(self.fusion_losses(batch))
+        if names & {"vpc", "mtc", "ssl"}:
+            out.update(self.contrastive_losses(batch, gather, generator, names, image))
+        if names & {"mlm", "vtm"}:
+            out.update({k: v for k, v in self.fusion_losses(batch, image).items() if k in names})
         out = {name: value if weights[name] else value.detach() for name, value in out.items()}
         out["loss"] = sum(weights[name] * value for name, value in out.items() if weights[name])
         return out
 
-    def contrastive_losses(self, batch, gather, generator) -> dict[str, torch.Tensor]:
+    def contrastive_losses(self, batch, gather, generator, names: set[str] | None = None,
+                           image: bool = False) -> dict[str, torch.Tensor]:
+        """The terms of `names` among vpc, ssl, mtc (default: those with weight > 0); image: an image batch."""
         c = self.cfg.loss
-        M = batch["input_ids"].shape[1]
+        names = c.computed(image) if names is None else names
+        M = batch["input_ids"].shape[1]  # an image batch: 1
         # token dropping draws from this rank's own RNG (seeded per rank, saved in checkpoints), not from
         # `generator`, which is the same on every rank (MTC's positions must be)
-        clip_emb, video_emb = self.encode_video(batch["video"], M, batch.get("depth"))  # (B, M, E), (B, E)
+        clip_emb, video_emb = self.encode_video(batch["video"], M, batch.get("depth"), image=image)  # (B, M, E), (B, E)
         sent_emb, para_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, M, E), (B, E)
         video_emb, para_emb = gather(video_emb), gather(para_emb)  # (B_global, E)
         out = {}
-        if c.vpc_weight:
+        if "vpc" in names:
             out["vpc"] = losses.vpc_loss(video_emb, para_emb, c.temperature)
-        if c.ssl_weight:
+        if "ssl" in names:
             out["ssl"] = losses.self_similarity_loss(video_emb, para_emb, c.ssl_temperature, c.ssl_target_temperature,
                                                      c.ssl_threshold, c.ssl_label_smoothing, c.ssl_detach_targets)
-        if c.mtc_weight:
+        if "mtc" in names:
             clip_emb, sent_emb = gather(clip_emb), gather(sent_emb)  # (B_global, M, E)
             idx = losses.sample_mtc_indices(clip_emb.shape[0], M, c.num_key, c.num_value, generator)
             idx = [i.to(clip_emb.device) for i in idx]
             out["mtc"] = losses.mtc_loss(clip_emb, sent_emb, *idx, temperature=c.mtc_temperature, num_neg=c.num_neg)
         return out
 
-    def fusion_outputs(self, batch, generator: torch.Generator | None = None):
+    def fusion_outputs(self, batch, generator: torch.Generator | None = None, image: bool = False):
         """LF-VILA stage 2 on the local batch: masked text and video through the fusion stack, with the
         first half's videos rolled by one (negatives). -> VTM logits (B, 2) and labels (B,), MLM logits
         (B - B//2, M*L, V) and labels for the second (matched) half."""
@@ -265,7 +333,7 @@ class VideoTextModel(nn.Module):
         masked, labels = losses.mask_tokens(ids, mask, text.mask_token_id, text.bert_config.vocab_size,
                                             text.special_ids, c.mlm_probability, generator)
         _, _, states, text_mask = self.text(masked, mask, return_states=True)  # (B, 1+M*L, Dt)
-        _, _, frames = self.video(batch["video"], M, batch.get("depth"), return_frames=True)  # (B, T', Dv)
+        _, _, frames = self.video(batch["video"], M, batch.get("depth"), return_frames=True, image=image)  # (B, T', Dv)
         half = B // 2
         frames = torch.cat([frames[:half].roll(1, dims=0), frames[half:]])  # negatives first, positives after
         fused = self.fusion(states, text_mask, frames)  # (B, S + T', Dt)
@@ -274,8 +342,9 @@ class VideoTextModel(nn.Module):
         vtm_labels = losses.vtm_labels(B).to(fused.device)
         return self.fusion.vtm_logits(fused), vtm_labels, mlm_logits, labels[half:].reshape(B - half, M * L)
 
-    def fusion_losses(self, batch) -> dict[str, torch.Tensor]:
-        vtm_logits, vtm_labels, mlm_logits, mlm_labels = self.fusion_outputs(batch)  # masks from the rank's RNG
+    def fusion_losses(self, batch, image: bool = False) -> dict[str, torch.Tensor]:
+        # the masks come from this rank's RNG
+        vtm_logits, vtm_labels, mlm_logits, mlm_labels = self.fusion_outputs(batch, image=image)
         return {"vtm": losses.vtm_loss(vtm_logits, vtm_labels), "mlm": losses.mlm_loss(mlm_logits, mlm_labels)}
 
     @torch.no_grad()

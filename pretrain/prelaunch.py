@@ -8,6 +8,8 @@ honoured; label files) or "input error: ..." (`--init` / `model.init_from`; a ru
 another run's checkpoints without --resume).
 
 With fewer train shards than readers (ranks x data.num_workers) one line on stdout says how they share them.
+A mixture (data.train_shards as a list of sources) is checked source by source, each named in a failure
+("data.train_shards[cc3m] ..."), and listed on stdout: its share of the batches, its kind, its samples.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from pretrain.config import REPO_ROOT, Config, ConfigError, load_config, resolve
 from pretrain.image_init import ImageInitError, load_image
 from pretrain.trainer import check_run_dir
 from pretrain.weights import WeightsError, check_source
-from shards.loader import describe_readers
+from shards.format import is_split_folder, read_index, shard_path
+from shards.loader import describe_readers, set_media
 from shards.preflight import MissingInput, require_file, require_shards
 
 BAD_INPUT = 2  # exit code: a pre-launch check failed
@@ -50,9 +53,11 @@ def check_inputs(cfg: Config, ds: tuple[str, str] | None, shard_sets: Sequence[s
         build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), ds[0])  # parses and checks it (ConfigError)
     with reported_as("data error"):
         for key in shard_sets:
-            require_shards(_get(cfg, key), str(REPO_ROOT), cfg.data.storage, what=key)
             if key == "data.train_shards":
+                check_train_sources(cfg)
                 report_readers(cfg)
+            else:
+                require_shards(_get(cfg, key), str(REPO_ROOT), cfg.data.storage, what=key)
         for key in label_files:
             if _get(cfg, key):
                 require_file(resolve_path(_get(cfg, key)), f"label file ({key})", cfg.data.storage)
@@ -65,15 +70,47 @@ def check_inputs(cfg: Config, ds: tuple[str, str] | None, shard_sets: Sequence[s
         check_image(cfg)
 
 
+def _source_key(cfg: Config, name: str) -> str:
+    return "data.train_shards" if isinstance(cfg.data.train_shards, str) else f"data.train_shards[{name}]"
+
+
+def check_train_sources(cfg: Config) -> None:
+    """Every train source's shards exist and are readable and its media kind is known (an image set needs
+    model.loss.image_losses non-empty, also when only its index.json says image); a mixture is listed on
+    stdout (rank 0): each source's share of the batches (its weight over the sum), kind, path and samples."""
+    root, storage, sources = str(REPO_ROOT), cfg.data.storage, cfg.data.sources
+    lines, images = [], []
+    for source in sources:
+        key = _source_key(cfg, source.name)
+        urls = require_shards(source.path, root, storage, what=key)
+        try:
+            media = set_media(source.path, source.media, root, storage)
+            path = shard_path(source.path, root)
+            samples = read_index(path, storage).get("num_samples") if is_split_folder(path) else None
+        except (ValueError, OSError) as e:
+            raise MissingInput(f"{key}: {e}") from None
+        if media == "image" and source.media != "image":  # the config's own "media: image" was checked at load
+            images.append(source.name)
+        share = source.weight / sum(s.weight for s in sources)
+        lines.append(f"  {source.name}: {100 * share:.1f}% of batches (weight {source.weight:g}), {media}, {source.path} "
+                     f"({len(urls)} shards" + (f", {samples} samples)" if samples is not None else ")"))
+    cfg.check_image_sources(images, "index.json says media image")  # model.loss.image_losses: [] refuses them
+    if not isinstance(cfg.data.train_shards, str) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"data.train_shards: a mixture of {len(sources)} sources; each batch is one source's, drawn by weight "
+              f"with the same draw on every rank (data.seed):\n" + "\n".join(lines))
+
+
 def report_readers(cfg: Config) -> None:
     """With fewer train shards than readers (WORLD_SIZE ranks x data.num_workers), one line on stdout (from rank 0)
-    saying how the readers share them, or that the split has too few samples for them (the loader refuses it)."""
-    try:
-        line = describe_readers(cfg.data, int(os.environ.get("WORLD_SIZE", "1")), str(REPO_ROOT))
-    except ValueError as e:
-        line = f"{e} (the train loader will refuse it)"
-    if line and int(os.environ.get("RANK", "0")) == 0:
-        print(f"data.train_shards: {line}")
+    per train source saying how the readers share them, or that the split has too few samples for them (the
+    loader refuses it)."""
+    for source in cfg.data.sources:
+        try:
+            line = describe_readers(cfg.data, int(os.environ.get("WORLD_SIZE", "1")), str(REPO_ROOT), source.path)
+        except ValueError as e:
+            line = f"{e} (the train loader will refuse it)"
+        if line and int(os.environ.get("RANK", "0")) == 0:
+            print(f"{_source_key(cfg, source.name)}: {line}")
 
 
 def check_image(cfg: Config) -> None:

@@ -6,7 +6,8 @@
 Exit codes: 0 done; 3 stopped early (signal or train.exit_interval) after saving, rerun with --resume;
 2 a pre-launch check failed: one line on stderr, "config error: ..." (a missing or unreadable config or
 base file, a bad key or value, a missing or bad DeepSpeed JSON), "data error: ..." (a missing or
-unreadable shard set, checked through data.s3_endpoint) or "input error: ..." (model.init_from, a run
+unreadable shard set, checked through data.s3_endpoint; each source of a data.train_shards mixture, named
+as data.train_shards[NAME], and listed on stdout with its share of the batches) or "input error: ..." (model.init_from, a run
 folder that holds another run without --resume).
 """
 from __future__ import annotations

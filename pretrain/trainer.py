@@ -5,9 +5,13 @@ What every run gets from here: a progress bar, `metrics.jsonl` + TensorBoard, st
 (SIGUSR1 / SIGTERM: finish the step, save, return unfinished, which the entry points turn into
 exit code 3), the non-finite guard, the save cadence with retention (`train.keep_last`,
 `train.keep_every`), failed-save cleanup that names the intact checkpoint, skipped-sample counts by
-reason summed over ranks, and the data-wait measurement. What a backend differs in (how it
-runs a micro-batch and steps, how it writes and reads its sharded files) is a `Backend`
-(`pretrain/backends.py`); what a command differs in (its batch -> losses) is the `forward` it passes.
+reason summed over ranks, samples seen per data source (`samples_by_source`: the batches the loader handed
+out, summed over ranks, a micro-batch dropped for a non-finite loss included; one source named "train"
+when data.train_shards is one set), the "media" and "source" of the batch each record's losses come from
+(clips_per_s counts data.num_clips clips per video sample, 1 per image sample), and the data-wait
+measurement. What a backend differs in (how it runs a micro-batch and steps, how it writes and reads its
+sharded files) is a `Backend` (`pretrain/backends.py`); what a command differs in (its batch -> losses) is
+the `forward` it passes.
 Checkpoints and the TrainState: `pretrain/checkpoint.py`.
 """
 from __future__ import annotations
@@ -42,6 +46,8 @@ class MetricsLog:
     Each record is written with one write() of a whole line, so a reader never sees half a record
     unless it reads a line that does not end in a newline yet."""
 
+    GROUPS = {"skipped": "data/skipped", "samples_by_source": "data/samples_seen"}  # dict fields -> a scalar each
+
     def __init__(self, run_dir: Path, resumed_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -57,10 +63,10 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key == "skipped":
-                for reason, n in value.items():
-                    self.tb.add_scalar(f"data/skipped/{reason}", n, record["step"])
-            elif key != "step":
+            if key in self.GROUPS:
+                for name, n in value.items():
+                    self.tb.add_scalar(f"{self.GROUPS[key]}/{name}", n, record["step"])
+            elif key != "step" and not isinstance(value, str):  # "media", "source": metrics.jsonl only
                 self.tb.add_scalar(f"train/{key}", value, record["step"])
         self.tb.flush()
 
@@ -119,6 +125,30 @@ class NonfiniteGuard:
         if self.in_a_row >= self.max_in_a_row:
             raise RuntimeError(f"non-finite loss in {self.in_a_row} consecutive micro-batches (train.max_nonfinite_"
                                f"steps={self.max_in_a_row}); last losses {losses}. {self.advice()}")
+
+
+class StepBatches:
+    """The loader's batches, as train_step draws them, noting what the current step drew (`start_step()` resets):
+    the clips on this rank (data.num_clips per video sample, 1 per image sample) and the last micro-batch's
+    "media" and "source" (the batch whose losses train_step returns). A mixture draws the same source on every
+    rank at a micro-batch, so this rank's clips x world size are the step's."""
+
+    def __init__(self, batches: Iterator, num_clips: int):
+        self.batches, self.num_clips = batches, num_clips
+        self.start_step()
+
+    def start_step(self) -> None:
+        self.clips, self.kind = 0, {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        media = batch.get("media", "video")
+        self.clips += len(batch["key"]) * (1 if media == "image" else self.num_clips)
+        self.kind = {"media": media, "source": batch.get("source", "")}
+        return batch
 
 
 def train_step(backend, forward: Callable, loader_iter: Iterator, grad_accum: int,
@@ -254,12 +284,13 @@ def _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop) -> tuple[Tr
     bar = tqdm(total=t.steps, initial=state.step, desc=desc, disable=rank != 0, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     backend.train()
-    it = iter(loader)
+    it = StepBatches(iter(loader), cfg.data.num_clips)
     guard = NonfiniteGuard(t.max_nonfinite_steps, state.nonfinite_steps,
                            lambda: f"{advice} The last checkpoint is {latest_tag(ckpt_dir)}.")
     try:
         while state.step < t.steps:
             t0 = time.perf_counter()
+            it.start_step()
             losses, wait, finite = train_step(backend, forward, it, t.grad_accum, state.step)
             guard.update(finite, state.step + 1, losses)
             state.nonfinite_steps = guard.total
@@ -271,16 +302,19 @@ def _fit(backend, forward, cfg, run_dir, resume, desc, advice, stop) -> tuple[Tr
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)  # drawn at the bar's own pace
             if state.step % t.log_every == 0 or state.step == t.steps:
-                skipped = sum_counts(dist_utils.all_gather_objects(loader.skipped()))
+                gathered = dist_utils.all_gather_objects((loader.skipped(), loader.samples_by_source()))
+                skipped, by_source = (sum_counts([g[i] for g in gathered]) for i in (0, 1))
                 if metrics is not None:
                     grad_norm = backend.grad_norm()
-                    record = {"step": state.step, **losses, "lr": backend.lr(),
+                    # the losses are the last micro-batch's: its media and source say of what (an image batch's
+                    # vpc is a caption-image contrast, a video batch's a paragraph-video one)
+                    record = {"step": state.step, **it.kind, **losses, "lr": backend.lr(),
                               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                               "samples_per_s": global_batch / step_time,
-                              "clips_per_s": global_batch * cfg.data.num_clips / step_time,
+                              "clips_per_s": it.clips * ws / step_time,
                               "data_wait_s": wait, "data_wait_frac": wait / step_time, "mem_gib": memory_gib(),
                               "samples_seen": state.samples_seen, "nonfinite_steps": state.nonfinite_steps,
-                              "skipped": skipped}
+                              "skipped": skipped, "samples_by_source": by_source}
                     metrics.write(record)
                     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in record.items()))

@@ -10,6 +10,18 @@ Per stage, `attention` picks the block (a plain dict, `BLOCKS`):
   graph    STGT's spatio-temporal graph attention
   depth    DAST's depth-aware sparse attention (RGB queries, depth keys in a +-w-frame band)
 `downsample[i]` merges 2x2 patches after stage i. Time is never pooled except by TESTA's merging.
+
+Images (`forward(..., image=True)`: one frame, T = M = 1, F = 1) take the one-frame video path, the same
+modules and weights, so an image gives exactly what a one-frame video of the same pixels gives. What each
+part does with one frame: the frame gets the first temporal position (time_pos[0]); `htwa` windows are
+clipped to the input, so a window of one frame (spatial windows and shifts as usual); `divided`'s temporal
+attention has one frame to attend to (each token to itself); TESTA's frame merging finds no pair and is
+skipped (r_t = min(r_t, T // 2) = 0), its patch merging runs; `graph` edges over time reduce to edges within
+the frame (the +-1-frame band holds only the frame itself); `depth` uses the image's depth maps if the batch
+has them, else follows `image_depth` ("skip": the depth attention adds nothing, the block's MLP runs;
+"error": the batch is refused). Clip features are the image's features (M = 1); the model computes no
+clip-level loss on them (model.loss.image_losses).
+
 What an image model brings (`init_image`, pretrain/image_init.py) has its own keys: pixel mean and std,
 a [CLS] token, a learned spatial position table (interpolated to the input grid), a LayerNorm after the
 patch embedding, the MLP's activation and the LayerNorm epsilon.
@@ -31,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Literal
 
 import torch
@@ -62,6 +74,10 @@ class VideoEncoderConfig:
     graph_threshold: float = 0.5  # STGT sim_th: cosine similarities below it are no edge
     depth_window: int = 7  # DAST: frame t sees the depth of frames t-w..t+w
     depth_grid: int = 2  # DAST: depth tokens per frame = depth_grid ** 2
+    # DAST on an image batch without depth maps (no "depth" key): "skip" leaves the depth attention out (no depth
+    # keys to attend to, so it adds nothing; the block's MLP still runs), "error" refuses the batch. A video batch
+    # without depth maps is always refused; an image batch with them uses them.
+    image_depth: Literal["skip", "error"] = "skip"
     mlp_ratio: float = 4.0
     # "local": clip features from `local_stage`, whose windows never cross clip boundaries (LF-VILA's
     # paper); "final": from the last stage, as LF-VILA's released code does in effect.
@@ -111,6 +127,9 @@ class VideoEncoderConfig:
             if self.downsample[i] and patches_merged:
                 raise ValueError(f"bad value for model.video.downsample[{i}]: expected false (no 2x2 downsampling after TESTA "
                                  "patch merging)")
+        if self.image_depth not in ("skip", "error"):
+            raise ValueError(f"bad value for model.video.image_depth: expected one of skip, error "
+                             f"(got {self.image_depth!r})")
         if not 0 <= self.local_stage < n:
             raise ValueError(f"bad value for model.video.local_stage: expected an integer in [0, {n - 1}]")
         for key in ("pixel_mean", "pixel_std"):
@@ -282,7 +301,7 @@ class VideoEncoder(nn.Module):
         self.norm = nn.LayerNorm(dims[-1], eps=cfg.norm_eps)
 
     def embed(self, video: torch.Tensor, depth: torch.Tensor | None,
-              generator: torch.Generator | None = None) -> Tokens:
+              generator: torch.Generator | None = None, image: bool = False) -> Tokens:
         B, T, C, H, W = video.shape
         assert T <= self.cfg.max_frames, f"{T} frames exceed model.video.max_frames={self.cfg.max_frames}"
         dtype = self.patch_embed.weight.dtype  # fp32, or bf16 under DeepSpeed's bf16 mode
@@ -290,7 +309,7 @@ class VideoEncoder(nn.Module):
         x = (video.transpose(1, 2).float().div(255.0) - mean) / std  # (B, 3, T, H, W), in fp32 even under bf16
         x = self.patch_embed(x.to(dtype)).permute(0, 2, 3, 4, 1)  # (B, T, h, w, D0)
         h, w = x.shape[2:4]
-        x = x.flatten(2, 3) + self.time_pos[:T, None, :]  # (B, T, N, D0)
+        x = x.flatten(2, 3) + self.time_pos[:T, None, :]  # (B, T, N, D0); an image: time_pos[0]
         if self.pos is not None:
             x = x + self.position_table(h, w)
         cls = None
@@ -299,10 +318,15 @@ class VideoEncoder(nn.Module):
         if self.embed_norm is not None:
             x, cls = self.embed_norm(x), None if cls is None else self.embed_norm(cls)
         z = None
-        if self.uses_depth:
-            assert depth is not None, "this encoder has depth attention: the batch needs 'depth' maps"
+        if self.uses_depth and depth is not None:
             z = self.depth_embed(depth)  # (B, T, Nd, D0)
-        t = Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z, cls=cls)
+        elif self.uses_depth:
+            assert image, "this encoder has depth attention: the batch needs 'depth' maps"
+            if self.cfg.image_depth == "error":
+                raise ValueError("an image batch without 'depth' maps, and this encoder has depth attention with "
+                                 "model.video.image_depth=error: give the images depth maps, or set "
+                                 "model.video.image_depth=skip (the depth attention then adds nothing on images)")
+        t = Tokens(x=x, grid=(h, w), size=x.new_ones(B, T, h * w, 1), depth=z, cls=cls, image=image)
         return self.drop_tokens(t, generator) if self.training and self.cfg.drop_ratio > 0 else t
 
     def drop_tokens(self, t: Tokens, generator: torch.Generator | None) -> Tokens:
@@ -332,12 +356,14 @@ class VideoEncoder(nn.Module):
         return F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False).reshape(-1, h * w).T
 
     def forward(self, video: torch.Tensor, num_clips: int, depth: torch.Tensor | None = None,
-                return_frames: bool = False, generator: torch.Generator | None = None):
-        """[, per-frame tokens (B, T', D): the size-weighted mean of each remaining frame, for fusion]"""
+                return_frames: bool = False, generator: torch.Generator | None = None, image: bool = False):
+        """[, per-frame tokens (B, T', D): the size-weighted mean of each remaining frame, for fusion].
+        image=True: an image batch, one frame (T = 1, num_clips = 1); see the module docstring."""
         B, T = video.shape[:2]
         M = num_clips
         assert T % M == 0, f"frames ({T}) must split evenly into {M} clips"
-        t = self.checkpointed(0, self.embed, video, depth, generator=generator)
+        assert not image or T == M == 1, f"an image batch is one frame and one clip (got {T} frames, {M} clips)"
+        t = self.checkpointed(0, partial(self.embed, image=image), video, depth, generator=generator)
         clips, unit = None, 1
         for i, stage in enumerate(self.stages):
             t = stage(t, self.checkpointed, unit)  # x: (B, T_i, N_i, D_i)

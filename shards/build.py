@@ -9,6 +9,10 @@ each shard holds, which were skipped and why). A re-run reads the journal and co
 last finished shard; index.json is written last. A video that cannot be used is skipped and
 reported, never fatal; a malformed manifest line stops the build before any work.
 
+A manifest of images ("image" instead of "video") gives a set of one-frame samples, KEY.jpg + KEY.json:
+a JPEG is stored byte for byte, any other image PIL decodes is re-encoded as JPEG (quality
+JPEG_QUALITY); an image that does not decode fully is skipped (bad_image). A set holds one kind.
+
 `--part I/N` builds only part I (0-based) of N: the contiguous manifest records [I*n//N, (I+1)*n//N),
 into NAME-pIIIIofNNNN-%06d.tar with its own journal build-pIIIIofNNNN.jsonl (same resume), and no
 index.json: once every part is done, `python -m shards index OUT` (shards/index.py) writes it.
@@ -30,15 +34,16 @@ from functools import partial
 from tqdm import tqdm
 
 from shards import format as fmt
-from shards.manifest import NOT_COPIED, clip_sentences, read_manifest
+from shards.manifest import NOT_COPIED, clip_sentences, media_of, read_manifest
 from shards.preflight import require_file, require_folder
 from shards.storage import Storage, is_url, join
-from shards.transcode import store
+from shards.transcode import SegmentOutsideVideo, store
 from shards.video import EmptyVideoError
 
 log = logging.getLogger("shards")
 JOURNAL = "build.jsonl"
 PART_JOURNAL = re.compile(r"build-p(\d{4,})of(\d{4,})\.jsonl")
+JPEG_QUALITY = 95  # images that are not JPEG already are stored as JPEG at this quality (4:2:0)
 
 
 @dataclass(frozen=True, order=True)
@@ -105,8 +110,9 @@ class Prepared:
     id: str
     key: str = ""
     meta: dict = field(default_factory=dict)
-    video: str = ""  # local file holding the MP4
+    video: str = ""  # local file holding the MP4 (or, for an image sample, the JPEG)
     video_is_temp: bool = False
+    ext: str = "mp4"  # its tar member: KEY.mp4 or KEY.jpg
     depth: str = ""  # local .npz file, or ""
     meta_bytes: bytes = b""
     reason: str = ""  # set when skipped
@@ -119,6 +125,8 @@ class Prepared:
 def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: Storage, threads: int) -> Prepared:
     line, record = item
     out = Prepared(line=line, id=record["id"], key=record["key"])
+    if media_of(record) == "image":
+        return prepare_image(out, record, tmp, storage)
     fetched = ""
     try:
         src = record["video"]
@@ -135,8 +143,11 @@ def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: 
 
             depth = DepthMaps(settings.depth_model, settings.depth_size)
         try:
+            segment = tuple(record["segment"]) if record.get("segment") else None
             how, p = store(src, out.video, settings.fps, settings.short_side, settings.gop_seconds, settings.crf,
-                           threads, on_frame=depth.add if depth else None)
+                           threads, on_frame=depth.add if depth else None, segment=segment)
+        except SegmentOutsideVideo as e:
+            return _skip(out, "segment_outside_video", str(e))
         except EmptyVideoError as e:
             return _skip(out, "zero_length_video", str(e))
         except Exception as e:  # PyAV raises many types on corrupt input
@@ -156,6 +167,52 @@ def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: 
                     "source": record["source"],
                     "build": {"video": how, "codec": p.codec, "sentences_dropped": dropped,
                               "depth_model": os.path.basename(settings.depth_model.rstrip("/")) if depth else None}}
+        return out
+    finally:
+        if fetched and os.path.exists(fetched):
+            os.remove(fetched)
+
+
+def prepare_image(out: Prepared, record: dict, tmp: str, storage: Storage) -> Prepared:
+    """An image record -> KEY.jpg (a JPEG copied byte for byte, else re-encoded) and its KEY.json."""
+    from PIL import Image
+
+    fetched = ""
+    try:
+        src = record["image"]
+        if is_url(src):
+            fetched = src = _fetch(src, tmp, storage)
+        if not os.path.isfile(src):
+            return _skip(out, "missing_image", src)
+        if os.path.getsize(src) == 0:
+            return _skip(out, "zero_length_image", src)
+        out.video, out.video_is_temp, out.ext = os.path.join(tmp, f"{out.key}.jpg"), True, "jpg"
+        try:
+            with Image.open(src) as img:
+                img.load()  # decodes the whole image: a truncated or corrupt file fails here
+                width, height = img.size
+                if img.format == "JPEG":
+                    shutil.copyfile(src, out.video)
+                    how = "copy"
+                else:
+                    rgb = img.convert("RGBA") if "A" in img.getbands() or "transparency" in img.info else img
+                    if rgb.mode == "RGBA":  # transparent pixels become white, not whatever colour they hide
+                        flat = Image.new("RGB", rgb.size, (255, 255, 255))
+                        flat.paste(rgb, mask=rgb.getchannel("A"))
+                        rgb = flat
+                    rgb.convert("RGB").save(out.video, format="JPEG", quality=JPEG_QUALITY)
+                    how = "reencode"
+        except Exception as e:  # PIL raises many types on corrupt input
+            return _skip(out, "bad_image", repr(e))
+        if width < 1 or height < 1:
+            return _skip(out, "bad_image", f"{width}x{height}")
+        sentences = [{"text": s["text"].strip(), "start": 0.0, "end": 0.0} for s in record["sentences"]
+                     if s["text"].strip()]
+        if not sentences:
+            return _skip(out, "no_sentences", "no caption")
+        extra = {k: v for k, v in record.items() if k not in NOT_COPIED}
+        out.meta = extra | {"id": record["id"], "media": "image", "width": width, "height": height,
+                            "sentences": sentences, "source": record["source"], "build": {"image": how}}
         return out
     finally:
         if fetched and os.path.exists(fetched):
@@ -212,7 +269,7 @@ class Packer:
             name = f"{self.stem}-{self.shard:06d}.tar"
             members: dict = {}
             for p in self.samples:
-                members[f"{p.key}.mp4"] = p.video
+                members[f"{p.key}.{p.ext}"] = p.video
                 members[f"{p.key}.json"] = p.meta_bytes
                 if p.depth:
                     members[f"{p.key}.depth.npz"] = p.depth
@@ -222,7 +279,7 @@ class Packer:
             if is_url(self.out):
                 self.storage.put_file(local, join(self.out, name))
             entry |= {"shard": name, "count": len(self.samples), "bytes": size,
-                      "duration": sum(p.meta["duration"] for p in self.samples),
+                      "duration": sum(p.meta.get("duration", 0.0) for p in self.samples),
                       "sentences": sum(len(p.meta["sentences"]) for p in self.samples)}
             for p in self.samples:
                 for path in (p.video if p.video_is_temp else "", p.depth):
@@ -282,6 +339,12 @@ def build(manifest: str, out: str, settings: BuildSettings, workers: int = 1, st
     records, digest = read_manifest(manifest, storage)
     start, end = part.records(len(records)) if part else (0, len(records))
     header = {"format": fmt.FORMAT_VERSION, "manifest_sha256": digest, "settings": asdict(settings)}
+    if media_of(records[0]) == "image":  # (a video build's header has no "media": journals of older builds match)
+        video_only = [f"--{k.replace('_', '-')}" for k in ("fps", "short_side", "depth_model") if getattr(settings, k)]
+        if video_only:
+            raise SystemExit(f"{manifest} holds images; {', '.join(video_only)} "
+                             f"{'applies' if len(video_only) == 1 else 'apply'} to videos only")
+        header["media"] = "image"
     if part:
         header |= {"part": [part.index, part.count], "records": [start, end], "manifest": manifest}
     if not is_url(out):
@@ -310,7 +373,7 @@ def build(manifest: str, out: str, settings: BuildSettings, workers: int = 1, st
         threads = 0 if workers <= 1 else 1  # one process: let the codecs use every core
         job = partial(prepare, settings=settings, tmp=tmp, storage=storage, threads=threads)
         todo = list(enumerate(records[cursor:end], start=cursor + 1))  # (line number, record)
-        bar = tqdm(total=end - start, initial=cursor - start, desc=f"build {stem}", unit="video",
+        bar = tqdm(total=end - start, initial=cursor - start, desc=f"build {stem}", unit=header.get("media", "video"),
                    disable=not progress, dynamic_ncols=True)
         skipped = sum(len(e["skipped"]) for e in journal.entries)
         with _pool(workers) as pool:
@@ -337,7 +400,8 @@ def make_index(entries: list[dict], header: dict, manifest: str) -> dict:
     for e in entries:
         for s in e["skipped"]:
             skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
-    return {"format": fmt.FORMAT_VERSION, "shards": [e["shard"] for e in shards], "counts": [e["count"] for e in shards],
+    return {"format": fmt.FORMAT_VERSION, "media": header.get("media", "video"),
+            "shards": [e["shard"] for e in shards], "counts": [e["count"] for e in shards],
             "bytes": [e["bytes"] for e in shards], "num_samples": sum(e["count"] for e in shards),
             "total_duration": sum(e["duration"] for e in shards), "num_sentences": sum(e["sentences"] for e in shards),
             "skipped": skipped,
@@ -435,7 +499,7 @@ def parse_part(text: str) -> Part:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("build", help="write shards from a manifest of videos and timed sentences",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, help="JSON lines: id, video, sentences (see FORMAT.md)")
+    p.add_argument("--manifest", required=True, help="JSON lines: id, video (or image), sentences (see FORMAT.md)")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     d = BuildSettings()
     p.add_argument("--name", default=None, help="shard name prefix (default: the manifest's file name)")

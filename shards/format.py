@@ -19,7 +19,9 @@ from braceexpand import braceexpand
 
 from shards.storage import Storage, is_url, join
 
-MEMBERS = ("mp4", "json", "depth.npz")  # the only tar members readers use
+MEMBERS = ("mp4", "json", "depth.npz")  # the only tar members readers of a video set use
+IMAGE_MEMBERS = ("jpg", "json")  # ... and of an image set
+MEDIA = ("video", "image")  # KEY.json "media" (absent: video); index.json "media" says the kind of a whole set
 INDEX = "index.json"
 FORMAT_VERSION = 1
 FIXED_MTIME = 0  # tar members and zip entries carry fixed times so rebuilds are byte-identical
@@ -56,23 +58,40 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def parse_meta(data: bytes) -> dict:
-    """KEY.json bytes -> the dict, checked: finite duration > 0, fps > 0, sentences with text, start, end.
+    """KEY.json bytes -> the dict, checked. A video (no "media", or "media": "video"): finite duration > 0,
+    fps > 0, sentences with text, start, end. An image ("media": "image"): sentences (the caption, start and
+    end 0), width and height integers > 0 when given; no duration or fps.
 
     Raises FormatError("bad_json" | "zero_duration"). Sentence times are not clipped here.
     """
     try:
         meta = json.loads(data.decode("utf-8"))
-        duration, fps = float(meta["duration"]), float(meta["fps"])
+        media = meta.get("media", "video")
         sentences = [(s["text"], float(s["start"]), float(s["end"])) for s in meta["sentences"]]
         if not all(isinstance(text, str) for text, _, _ in sentences):
             raise TypeError("a sentence text is not a string")
+        if media == "video":
+            duration, fps = float(meta["duration"]), float(meta["fps"])
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise FormatError("bad_json", repr(e)) from None
+    if media not in MEDIA:
+        raise FormatError("bad_json", f"media={media!r}, expected one of {', '.join(MEDIA)}")
+    if media == "image":
+        for name in ("width", "height"):
+            value = meta.get(name)
+            if name in meta and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise FormatError("bad_json", f"{name}={value!r}")
+        return meta
     if not (math.isfinite(duration) and duration > 0):
         raise FormatError("zero_duration", f"duration={duration}")
     if not (math.isfinite(fps) and fps > 0):
         raise FormatError("bad_json", f"fps={fps}")
     return meta | {"duration": duration, "fps": fps}
+
+
+def media_of(meta: dict) -> str:
+    """"video" or "image": the kind of one sample's KEY.json (or of a set's index.json); absent = video."""
+    return meta.get("media", "video") if isinstance(meta, dict) else "video"
 
 
 def num_frames(meta: dict) -> int:

@@ -1,6 +1,9 @@
-"""`python -m shards stats DIR_OR_URL`: videos, hours, sentences, words and shard sizes of a shard set.
+"""`python -m shards stats DIR_OR_URL`: what a shard set holds and how big its shards are: for videos the
+count, hours and sentences per video; for images (KEY.jpg samples, "media": "image") the count and pixels;
+for both the words and the samples and bytes per shard.
 
-Reads only the KEY.json members (local tars are seeked over, remote ones streamed).
+Reads only the KEY.json members (local tars are seeked over, remote ones streamed); an image's pixels are
+the width x height its KEY.json states (`shards build` writes them; images without them are counted).
 """
 
 import argparse
@@ -16,6 +19,7 @@ from shards.storage import Storage
 def stats(spec: str, storage: Storage = Storage()) -> dict:
     urls = fmt.resolve_shards(spec, storage=storage)
     durations, sentences, words, per_shard, unreadable = [], [], [], [], 0
+    megapixels, captions, unsized = [], [], 0  # images
     for url in urls:
         n = 0
         for raw in fmt.read_tar(url, storage, members=("json",)):
@@ -27,17 +31,29 @@ def stats(spec: str, storage: Storage = Storage()) -> dict:
                 unreadable += 1
                 continue
             n += 1
+            words += [len(s["text"].split()) for s in meta["sentences"]]
+            if fmt.media_of(meta) == "image":
+                captions.append(len(meta["sentences"]))
+                if "width" in meta and "height" in meta:
+                    megapixels.append(meta["width"] * meta["height"] / 1e6)
+                else:
+                    unsized += 1
+                continue
             durations.append(meta["duration"])
             sentences.append(len(meta["sentences"]))
-            words += [len(s["text"].split()) for s in meta["sentences"]]
         per_shard.append(n)
     sizes = [storage.size(url) for url in urls]
-    return {
-        "shards": len(urls), "videos": len(durations), "unreadable": unreadable,
-        "hours": sum(durations) / 3600, "sentences": sum(sentences), "words": sum(words),
-        "video_seconds": _summary(durations), "sentences_per_video": _summary(sentences),
-        "words_per_sentence": _summary(words), "samples_per_shard": _summary(per_shard),
-        "shard_bytes": _summary(sizes) | {"total": sum(sizes)},
+    media = "image" if captions and not durations else "mixed" if captions else "video"
+    out = {"shards": len(urls), "media": media, "unreadable": unreadable}
+    if media != "image":
+        out |= {"videos": len(durations), "hours": sum(durations) / 3600, "video_seconds": _summary(durations),
+                "sentences_per_video": _summary(sentences)}
+    if media != "video":
+        out |= {"images": len(captions), "pixels": round(sum(megapixels) * 1e6), "images_without_size": unsized,
+                "image_megapixels": _summary(megapixels), "captions_per_image": _summary(captions)}
+    return out | {
+        "sentences": sum(sentences) + sum(captions), "words": sum(words), "words_per_sentence": _summary(words),
+        "samples_per_shard": _summary(per_shard), "shard_bytes": _summary(sizes) | {"total": sum(sizes)},
     }
 
 
@@ -49,11 +65,20 @@ def _summary(values: list) -> dict:
 
 
 def format_table(s: dict) -> str:
-    rows = [("shards", f"{s['shards']}"), ("videos", f"{s['videos']}"), ("hours", f"{s['hours']:.2f}"),
-            ("sentences", f"{s['sentences']}"), ("words", f"{s['words']}")]
+    rows = [("shards", f"{s['shards']}")]
+    if "videos" in s:
+        rows += [("videos", f"{s['videos']}"), ("hours", f"{s['hours']:.2f}")]
+    if "images" in s:
+        rows += [("images", f"{s['images']}"), ("megapixels", f"{s['pixels'] / 1e6:.2f}")]
+        if s["images_without_size"]:
+            rows.append(("images without width/height", f"{s['images_without_size']} (not in megapixels)"))
+    rows += [("sentences" if "videos" in s else "captions", f"{s['sentences']}"), ("words", f"{s['words']}")]
     if s["unreadable"]:
         rows.append(("unreadable samples", f"{s['unreadable']} (run `python -m shards verify`)"))
-    for name in ("video_seconds", "sentences_per_video", "words_per_sentence", "samples_per_shard", "shard_bytes"):
+    names = (["video_seconds", "sentences_per_video"] if "videos" in s else []) + \
+            (["image_megapixels", "captions_per_image"] if "images" in s else []) + \
+            ["words_per_sentence", "samples_per_shard", "shard_bytes"]
+    for name in names:
         v = s[name]
         text = " / ".join(f"{v[k]:.4g}" for k in ("min", "median", "mean", "max"))
         rows.append((f"{name.replace('_', ' ')} (min / median / mean / max)", text))
@@ -63,8 +88,8 @@ def format_table(s: dict) -> str:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("stats", help="count videos, hours, sentences, words and shard sizes",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser("stats", help="count videos and hours or images and pixels, sentences, words and "
+                                            "shard sizes", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="split folder or s3:// prefix with index.json, or a brace pattern of tars")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint URL")

@@ -3,7 +3,9 @@
 Checks per sample: the tar reads; KEY.mp4 and KEY.json are there; the JSON has the fields the
 format requires; every sentence lies inside the video (0 <= start < end <= duration + one frame);
 every video frame decodes and their count matches the JSON; KEY.depth.npz, if there, holds one
-map per frame. Across the set: keys are unique and index.json's counts match the tars.
+map per frame. An image sample (KEY.jpg, "media": "image" in KEY.json): the JPEG decodes fully
+at the JSON's width x height, and it has a caption. Across the set: keys are unique and index.json's
+counts match the tars.
 """
 
 import argparse
@@ -11,6 +13,8 @@ import io
 import multiprocessing
 import sys
 from functools import partial
+
+import json
 
 import av
 import numpy as np
@@ -24,6 +28,8 @@ def check_sample(raw: dict) -> tuple[str, str] | None:
     """-> (reason, detail) for a bad sample, None for a good one."""
     if "__error__" in raw:
         return raw["__error__"], raw.get("__detail__", "")
+    if "jpg" in raw or _is_image_meta(raw.get("json")):
+        return check_image(raw)
     for ext in ("json", "mp4"):
         if ext not in raw:
             return f"missing_{ext}", ""
@@ -59,6 +65,48 @@ def check_sample(raw: dict) -> tuple[str, str] | None:
     return None
 
 
+def _is_image_meta(data: bytes | None) -> bool:
+    try:
+        meta = json.loads(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("media") == "image"
+
+
+def check_image(raw: dict) -> tuple[str, str] | None:
+    """An image sample: KEY.jpg and KEY.json ({"media": "image", "width", "height", "sentences", ...})."""
+    from PIL import Image
+
+    for ext in ("json", "jpg"):
+        if ext not in raw:
+            return f"missing_{ext}", ""
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+        if meta.get("media") != "image":
+            raise ValueError(f"media is {meta.get('media')!r}, not 'image', beside a KEY.jpg")
+        width, height = int(meta["width"]), int(meta["height"])
+        texts = [s["text"] for s in meta["sentences"]]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("a sentence text is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        return "bad_json", repr(e)
+    if not any(t.strip() for t in texts):
+        return "no_sentences", ""
+    if len(raw["jpg"]) == 0:
+        return "zero_length_image", "0 bytes"
+    try:
+        with Image.open(io.BytesIO(raw["jpg"])) as img:
+            if img.format != "JPEG":
+                raise ValueError(f"KEY.jpg holds {img.format}, not JPEG")
+            img.load()
+            size = img.size
+    except Exception as e:  # PIL raises many types on corrupt input
+        return "bad_image", repr(e)
+    if size != (width, height):
+        return "size_mismatch", f"{size[0]}x{size[1]} decodes, the JSON says {width}x{height}"
+    return None
+
+
 def count_frames(mp4: bytes) -> int:
     with av.open(io.BytesIO(mp4)) as container:
         stream = container.streams.video[0]
@@ -68,7 +116,7 @@ def count_frames(mp4: bytes) -> int:
 
 def verify_shard(url: str, storage: Storage) -> dict:
     keys, bad = [], []
-    for raw in fmt.read_tar(url, storage):
+    for raw in fmt.read_tar(url, storage, members=fmt.MEMBERS + ("jpg",)):
         problem = check_sample(raw)
         if raw.get("__error__") is None:
             keys.append(raw["__key__"])

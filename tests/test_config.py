@@ -239,3 +239,69 @@ def test_finetuning_does_not_inherit_token_dropping_or_the_image_folder(tmp_path
     again = load_config(recipe, [("model.init_from", str(tmp_path / "model.pt")), "model.video.drop_ratio=0.25"],
                         FinetuneConfig)
     assert again.model.video.drop_ratio == 0.25
+
+
+# ---- data.train_shards as a mixture of sources ----------------------------------------------------------
+
+MIX = "data.train_shards=[{name: webvid, path: data/webvid/train, weight: 2.5}, "
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{name: cc3m, path: data/cc3m/train, wieght: 3}",
+     r"unknown config key data\.train_shards\[1\]\.wieght \(did you mean data\.train_shards\[1\]\.weight\?\); "
+     r"allowed keys here: name, path, weight, media"),
+    ("{name: cc3m, path: data/cc3m/train, weight: lots}",
+     r"bad value for data\.train_shards\[1\]\.weight: expected float, got 'lots'"),
+    ("{name: cc3m, path: data/cc3m/train, weight: -3}",
+     r"data\.train_shards\[1\]\.weight: expected a finite number > 0"),
+    ("data/cc3m/train", r"bad value for data\.train_shards\[1\]: expected a mapping of keys, got 'data/cc3m/train'"),
+])
+def test_a_bad_mixture_source_is_named_by_its_index_and_key(source, message):
+    """A value of the list's shape is the list gone wrong inside: the error names the source and the key, not
+    "expected str or list" of the whole union."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [MIX + source + "]"])
+
+
+def test_a_bad_mixture_source_in_yaml_and_a_value_of_neither_shape(tmp_path):
+    f = tmp_path / "mix.yaml"
+    f.write_text("data:\n  train_shards:\n    - {name: webvid, path: data/webvid/train}\n"
+                 "    - {name: cc3m, pth: data/cc3m/train, media: image}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key data\.train_shards\[1\]\.pth \(did you mean "
+                                          r"data\.train_shards\[1\]\.path\?\)"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"bad value for data\.train_shards: expected str or list of "
+                                          r"\{name, path, weight, media\}, got 5"):
+        load_config(None, ["data.train_shards=5"])
+    with pytest.raises(ConfigError, match=r"bad value for data\.size\[1\]: expected int, got 'wide'"):
+        load_config(None, ["data.size=[32, wide]"])
+
+
+IMAGE_SOURCE = "{name: cc3m, path: data/cc3m/train, weight: 3, media: image}]"
+
+
+def test_image_losses_empty_is_refused_with_an_image_source_in_the_config():
+    with pytest.raises(ConfigError, match=r"bad value for model\.loss\.image_losses: expected a non-empty list .*"
+                                          r"data\.train_shards has image sources \(cc3m: media: image\)"):
+        load_config(None, [MIX + IMAGE_SOURCE, "model.loss.image_losses=[]"])
+    assert load_config(None, [MIX + IMAGE_SOURCE]).model.loss.image_losses == ["vpc", "ssl", "mlm", "vtm"]
+    video_only = load_config(None, [MIX + "{name: hdvila, path: data/hdvila/train}]", "model.loss.image_losses=[]"])
+    assert video_only.model.loss.image_losses == []
+
+
+def test_image_losses_empty_is_refused_before_launch_when_an_index_says_image(tmp_path):
+    """media left to the set's index.json: the config cannot know, the pre-launch check reads it."""
+    from pretrain.prelaunch import check_inputs
+    from shards.format import write_index, write_tar
+
+    for name, media in (("videos", "video"), ("images", "image")):
+        (tmp_path / name).mkdir()
+        write_tar(str(tmp_path / name / "s-000000.tar"), {})
+        write_index(str(tmp_path / name), {"format": 1, "media": media, "shards": ["s-000000.tar"], "counts": [0],
+                                           "num_samples": 0})
+    mix = f"data.train_shards=[{{name: wv, path: {tmp_path / 'videos'}}}, {{name: cc, path: {tmp_path / 'images'}}}]"
+    cfg = load_config(None, [mix, "model.loss.image_losses=[]"])  # loads: the config does not say image
+    with pytest.raises(ConfigError, match=r"model\.loss\.image_losses: .*data\.train_shards has image sources "
+                                          r"\(cc: index\.json says media image\)"):
+        check_inputs(cfg, None, ["data.train_shards"])
+    check_inputs(load_config(None, [mix]), None, ["data.train_shards"])  # the default image_losses: fine

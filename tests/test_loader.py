@@ -60,7 +60,8 @@ def test_batch_shapes_and_dtypes(root):
     assert (batch["attention_mask"].sum(-1) > 3).all()
     assert len(batch["key"]) == B and batch["skipped"] == {}
     assert 0 < batch["depth"].min() and batch["depth"].max() <= 1.0
-    assert set(batch) == {"video", "depth", "input_ids", "attention_mask", "key", "meta", "skipped"}
+    assert set(batch) == {"video", "depth", "input_ids", "attention_mask", "key", "meta", "skipped", "media", "source"}
+    assert (batch["media"], batch["source"]) == ("video", "train")  # one set: its source is called "train"
     assert [m["id"] for m in batch["meta"]] and all(len(m["sentences"]) >= 4 for m in batch["meta"])
 
 

@@ -125,3 +125,23 @@ def test_manifest_command_then_build(video_dir, tmp_path):
     assert main(argv) == 0
     (record,) = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert record["video"].endswith("0A3e9lWz7Dw.mp4") and record["sentences"][0]["start"] == 3.0
+
+
+def test_manifest_without_videos_folder_is_one_line(tmp_path, capsys):
+    ann = tmp_path / "val_1.json"
+    ann.write_text(json.dumps(ANET))
+    argv = ["manifest", "--format", "activitynet", "--annotations", str(ann), "--out", str(tmp_path / "m.jsonl")]
+    assert main(argv) == 2
+    assert "--format activitynet needs --videos" in capsys.readouterr().err
+
+
+def test_video_index_by_downloader_url(tmp_path):
+    (tmp_path / "00000").mkdir()
+    (tmp_path / "00000" / "000000001.mp4").write_bytes(b"x")
+    (tmp_path / "00000" / "000000001.json").write_text(json.dumps({"url": "https://a/b/clip.mp4"}))
+    (tmp_path / "00000" / "000000002.mp4").write_bytes(b"x")  # no .json: found by name
+    (tmp_path / "00000" / "000000003.json").write_text("{broken")  # no video beside it: ignored
+    index = VideoIndex(str(tmp_path), by_url=True)
+    assert index.find(["nothing"], ["https://a/b/clip.mp4"]).endswith("00000/000000001.mp4")
+    assert index.find(["000000001"]) is None  # a file with a url is found by its url only
+    assert index.find(["000000002"]).endswith("000000002.mp4")
