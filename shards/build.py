@@ -132,10 +132,9 @@ def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: 
         src = record["video"]
         if is_url(src):
             fetched = src = _fetch(src, tmp, storage)
-        if not os.path.isfile(src):
-            return _skip(out, "missing_video", src)
-        if os.path.getsize(src) == 0:
-            return _skip(out, "zero_length_video", src)
+        problem = _input_problem(src, "video")
+        if problem:
+            return _skip(out, *problem)
         out.video, out.video_is_temp = os.path.join(tmp, f"{out.key}.mp4"), True
         depth = None
         if settings.depth_model:
@@ -182,10 +181,9 @@ def prepare_image(out: Prepared, record: dict, tmp: str, storage: Storage) -> Pr
         src = record["image"]
         if is_url(src):
             fetched = src = _fetch(src, tmp, storage)
-        if not os.path.isfile(src):
-            return _skip(out, "missing_image", src)
-        if os.path.getsize(src) == 0:
-            return _skip(out, "zero_length_image", src)
+        problem = _input_problem(src, "image")
+        if problem:
+            return _skip(out, *problem)
         out.video, out.video_is_temp, out.ext = os.path.join(tmp, f"{out.key}.jpg"), True, "jpg"
         try:
             with Image.open(src) as img:
@@ -217,6 +215,15 @@ def prepare_image(out: Prepared, record: dict, tmp: str, storage: Storage) -> Pr
     finally:
         if fetched and os.path.exists(fetched):
             os.remove(fetched)
+
+
+def _input_problem(src: str, kind: str) -> tuple[str, str] | None:
+    """("missing_KIND" | "zero_length_KIND", path) for an input file that is not there or is empty, else None."""
+    if not os.path.isfile(src):
+        return f"missing_{kind}", src
+    if os.path.getsize(src) == 0:
+        return f"zero_length_{kind}", src
+    return None
 
 
 def _skip(out: Prepared, reason: str, detail: str) -> Prepared:
