@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py [--steps 96] [--seeds 0 1 2] [--variants baseline mtc ...] [--out FILE] [--quick]
     python benchmarks/ablation.py --corpus geometry ...                 # the corpus that needs the relations
+    python benchmarks/ablation.py --all --val-videos 64 --jobs 2        # every row of both corpora (the README's)
     python benchmarks/ablation.py --tables A.json B.json --out C.json   # one table from separate runs
 
 Builds one corpus (long videos of 8 events with depth and image-plane relations; `shards.synth`)

@@ -142,3 +142,25 @@ def load_ablation():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_all_plans_both_corpora_and_a_rerun_skips_the_runs_it_finds(tmp_path, monkeypatch):
+    """--all: the captions rows over --seeds x --steps, then DAST against its control on the geometry corpus over
+    --geometry-seeds x --geometry-steps; run_tasks takes finished runs from the cache and runs only the others."""
+    ab = load_ablation()
+    args = ab.parse_args(["--all", "--seeds", "7", "8", "--geometry-seeds", "1", "2", "3", "--steps", "5"])
+    assert ab.plan(args) == [
+        {"corpus": "captions", "variants": list(ab.VARIANTS), "seeds": [7, 8], "steps": 5},
+        {"corpus": "geometry", "variants": ["baseline", "full5", "dast"], "seeds": [1, 2, 3], "steps": 192}]
+    tasks = [{"corpus": "captions", "variant": v, "seed": s, "steps": 5, "overrides": ["x=1"], "threads": 1}
+             for v in ("baseline", "mtc") for s in (7, 8)]
+    cache = tmp_path / "r.json.runs.jsonl"
+    cache.write_text("".join(json.dumps({"key": ab.run_key(t), "metrics": {"seconds": 1.0, "seed": t["seed"]}}) + "\n"
+                             for t in tasks[:3]))
+    ran = []
+    monkeypatch.setattr(ab, "run_one", lambda task: ran.append(task) or {"seconds": 2.0, "seed": task["seed"]})
+    done = ab.run_tasks(tasks, jobs=1, cache=cache)
+    assert ran == tasks[3:]  # only the run missing from the cache
+    assert [done[ab.run_key(t)]["seconds"] for t in tasks] == [1.0, 1.0, 1.0, 2.0]
+    assert len(cache.read_text().splitlines()) == 4  # the new run appended
+    assert ab.run_tasks(tasks, jobs=1, cache=cache) == done and len(ran) == 1  # a rerun runs nothing
