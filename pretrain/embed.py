@@ -44,7 +44,7 @@ from pretrain import distributed as dist_utils
 from pretrain.config import (REPO_ROOT, Config, ConfigError, from_dict, merge, parse_override, pretrained_config_path,
                              read_yaml, resolve_path, set_dotted)
 from pretrain.export import INPUT_KEYS, INPUTS_FILE, is_exported
-from pretrain.model import RUN_ONLY_KEYS, PretrainedError, VideoTextModel, pretrained_config
+from pretrain.model import RUN_ONLY_KEYS, PretrainedError, VideoTextModel, is_image_batch, pretrained_config
 from pretrain.prelaunch import prelaunch, prepare_process, reported_as
 from pretrain.weights import WeightsError, check_source, load_weights
 from shards.format import is_split_folder, read_index, shard_path
@@ -157,7 +157,7 @@ def embed_share(model: VideoTextModel, cfg: Config, rank: int, world_size: int, 
     for batch in loader:
         M = batch["input_ids"].shape[1]
         depth = batch["depth"].to(device) if "depth" in batch else None
-        clips, video = model.encode_video(batch["video"].to(device), M, depth)  # (b, M, E) or None, (b, E)
+        clips, video = model.encode_video(batch["video"].to(device), M, depth, image=is_image_batch(batch))  # (b, M, E) or None, (b, E)
         sentences, paragraph = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         for kind, x in {"video": video, "clips": clips, "paragraph": paragraph, "sentences": sentences}.items():
             if x is not None:

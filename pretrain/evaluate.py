@@ -10,7 +10,7 @@ import torch
 from pretrain.metrics import chance_metrics, format_table, retrieval_metrics
 from pretrain import distributed as dist_utils
 from pretrain.config import Config, REPO_ROOT
-from pretrain.model import VideoTextModel
+from pretrain.model import VideoTextModel, is_image_batch
 from shards.loader import build_eval_loader
 
 log = logging.getLogger("pretrain")
@@ -25,7 +25,7 @@ def embed_split(model: VideoTextModel, cfg: Config) -> tuple[list[str], torch.Te
     model.eval()
     keys, videos, paragraphs = [], [], []
     for batch in loader:
-        _, v = model.encode_video(batch["video"], batch["input_ids"].shape[1], batch.get("depth"))  # (b, E)
+        _, v = model.encode_video(batch["video"], batch["input_ids"].shape[1], batch.get("depth"), image=is_image_batch(batch))  # (b, E)
         _, p = model.encode_text(batch["input_ids"], batch["attention_mask"])  # (b, E)
         keys += batch["key"]
         videos.append(v.float())

@@ -173,10 +173,22 @@ class VideoIndex:
                         self.by_url.setdefault(url, stems[stem])
             named = set(self.by_url.values())
             media = [p for p in media if p not in named]
+        folders: dict[str, set[str]] = defaultdict(set)  # file name -> the folders holding a file of that name
+        for path in media:
+            folder, _, base = path.rpartition("/")
+            folders[base].add(folder)
+        # a file name in two folders (CC3M's ".../image.jpg" under many URLs) names no file: either could be the
+        # one the metadata means, and pairing a caption with the wrong file would go unnoticed
+        self.ambiguous = {base for base, where in folders.items() if len(where) > 1}
         for path in sorted(media, key=lambda p: rank.get(os.path.splitext(p)[1].lower(), len(rank))):
             base = path.rsplit("/", 1)[-1]
+            if base in self.ambiguous:
+                continue
             for name in (base, os.path.splitext(base)[0], strip_video_ext(base)):
                 self.by_name.setdefault(name, path)
+        if self.ambiguous:
+            log.warning("%d file names occur in several folders under %s and are not matched by name (e.g. %s)",
+                        len(self.ambiguous), root, sorted(self.ambiguous)[:3])
 
     @staticmethod
     def _sidecar_url(path: str, storage: Storage) -> str | None:

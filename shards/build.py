@@ -174,7 +174,7 @@ def prepare(item: tuple[int, dict], settings: BuildSettings, tmp: str, storage: 
 
 def prepare_image(out: Prepared, record: dict, tmp: str, storage: Storage) -> Prepared:
     """An image record -> KEY.jpg (a JPEG copied byte for byte, else re-encoded) and its KEY.json."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     fetched = ""
     try:
@@ -192,8 +192,11 @@ def prepare_image(out: Prepared, record: dict, tmp: str, storage: Storage) -> Pr
                 if img.format == "JPEG":
                     shutil.copyfile(src, out.video)
                     how = "copy"
-                else:
-                    rgb = img.convert("RGBA") if "A" in img.getbands() or "transparency" in img.info else img
+                else:  # re-encoding drops EXIF, so its orientation is applied to the pixels first
+                    upright = ImageOps.exif_transpose(img)
+                    width, height = upright.size
+                    alpha = "A" in upright.getbands() or "transparency" in upright.info
+                    rgb = upright.convert("RGBA") if alpha else upright
                     if rgb.mode == "RGBA":  # transparent pixels become white, not whatever colour they hide
                         flat = Image.new("RGB", rgb.size, (255, 255, 255))
                         flat.paste(rgb, mask=rgb.getchannel("A"))

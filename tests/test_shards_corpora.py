@@ -308,3 +308,42 @@ def test_a_manifest_mixing_videos_and_images_is_refused(videos, images, tmp_path
     m.write_text(m.read_text().splitlines()[1] + "\n")
     with pytest.raises(SystemExit, match="holds images; --fps applies to videos only"):
         main(["build", "--manifest", str(m), "--out", str(tmp_path / "out"), "--fps", "3"])
+
+
+def test_a_file_name_in_two_folders_matches_no_caption(tmp_path, caplog):
+    """Two CC3M URLs ending in the same file name, downloaded into two folders without downloader metadata:
+    either file could be either caption's, so neither is matched by name (counted as not found, a warning),
+    never paired silently with the wrong caption; a name held once is still found."""
+    for sub, colour in (("a.com/x", (255, 0, 0)), ("b.com/y", (0, 0, 255))):
+        (tmp_path / "dl" / sub).mkdir(parents=True)
+        (tmp_path / "dl" / sub / "image.jpg").write_bytes(jpeg(8, 8, colour))
+    (tmp_path / "dl" / "unique.jpg").write_bytes(jpeg(8, 8, (0, 255, 0)))
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("a red thing\thttp://a.com/x/image.jpg\na blue thing\thttp://b.com/y/image.jpg\n"
+                   "a green thing\thttp://c.com/unique.jpg\n")
+    m = tmp_path / "cc3m.jsonl"
+    assert main(["manifest", "--format", "cc3m", "--annotations", str(tsv), "--images", str(tmp_path / "dl"),
+                 "--out", str(m)]) == 0
+    records = [json.loads(line) for line in m.read_text().splitlines()]
+    assert [(r["id"], r["image"]) for r in records] == [("cc3m-000000003", str(tmp_path / "dl" / "unique.jpg"))]
+    assert "1 file names occur in several folders" in caplog.text
+
+
+def test_a_re_encoded_image_is_stored_upright(tmp_path):
+    """A PNG whose EXIF orientation says "rotate 90" (6): re-encoding drops EXIF, so the builder turns the pixels
+    first; KEY.json gives the upright size. (A JPEG is copied with its EXIF, which the loader applies.)"""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = Image.new("RGB", (20, 10), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 10))  # left half blue: after the turn, the top half
+    img.save(tmp_path / "turned.png", exif=exif)
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"id": "turned", "image": str(tmp_path / "turned.png"), "source": "t",
+                             "sentences": [{"text": "a blue square over a red one", "start": 0, "end": 0}]}) + "\n")
+    assert main(["build", "--manifest", str(m), "--out", str(tmp_path / "out")]) == 0
+    _, got = samples(tmp_path / "out", ("jpg", "json"))
+    meta = json.loads(got["turned"]["json"])
+    assert (meta["width"], meta["height"], meta["build"]) == (10, 20, {"image": "reencode"})
+    with Image.open(io.BytesIO(got["turned"]["jpg"])) as out:
+        rgb = out.convert("RGB")
+        assert out.size == (10, 20) and rgb.getpixel((5, 2))[2] > 200 and rgb.getpixel((5, 17))[0] > 200
