@@ -410,10 +410,10 @@ def load_image(data: bytes) -> torch.Tensor:
         raise Skip("bad_image", "0 bytes")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))  # (H, W, 3); a truncated file raises
+            pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"))  # (H, W, 3), writable; a truncated file raises
     except Exception as e:  # PIL raises many types on corrupt input
         raise Skip("bad_image", repr(e)) from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, H, W)
 
 
 def load_video(data: bytes, times: np.ndarray) -> torch.Tensor:
