@@ -33,7 +33,7 @@ from pretrain import distributed as dist_utils
 from pretrain.checkpoint import (TrainState, latest_tag, load_checkpoint, rank_seed, rng_state, save_checkpoint,
                                  saved_world_size)
 from pretrain.config import REPO_ROOT, Config
-from shards.loader import build_train_loader
+from shards.loader import build_train_loader, sum_counts
 
 log = logging.getLogger("train")
 
@@ -219,14 +219,6 @@ def memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident set, KiB on Linux
-
-
-def sum_counts(dicts: list[dict]) -> dict:
-    out: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 # ---- the loop --------------------------------------------------------------------------------------------

@@ -675,7 +675,7 @@ class TrainLoader:
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, summed over this rank's workers."""
-        return _sum_counts(self._skipped.values())
+        return sum_counts(self._skipped.values())
 
     def samples_by_source(self) -> dict[str, int]:
         """Samples this rank handed out, by source name (the trainer sums them over ranks)."""
@@ -685,12 +685,22 @@ class TrainLoader:
         self._it = None  # the DataLoader iterator shuts its workers down when released
 
 
-def _sum_counts(dicts) -> dict[str, int]:
+def sum_counts(dicts) -> dict[str, int]:
+    """Counts by name, summed over several dicts (skip reasons, samples per source)."""
     total: dict[str, int] = {}
     for counts in dicts:
-        for reason, n in counts.items():
-            total[reason] = total.get(reason, 0) + n
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
     return total
+
+
+def _check_same_kind(cfg: DataConfig, saved: list[dict]) -> None:
+    """A data state saved from a mixture resumes only as a mixture, one saved from one set only as one set."""
+    mixture = isinstance(cfg.train_shards, list)
+    if any(("mixture" in state) != mixture for state in saved):
+        raise ValueError("the data state was saved with " + ("one train set" if mixture else "a mixture of sources")
+                         + " but this run's data.train_shards is " + ("a mixture" if mixture else "one set")
+                         + "; resuming across that change is not supported")
 
 
 def scheduled_source(seed: int, step: int, weights: list[float]) -> int:
@@ -747,7 +757,7 @@ class MixtureLoader:
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, summed over this rank's sources and workers."""
-        return _sum_counts(loader.skipped() for loader in self.loaders)
+        return sum_counts(loader.skipped() for loader in self.loaders)
 
     def samples_by_source(self) -> dict[str, int]:
         return {loader.name: loader.seen for loader in self.loaders}
@@ -763,10 +773,8 @@ def build_train_loader(cfg: DataConfig, tokenizer_path: str, rank: int, world_si
     list of sources; `state` (a state_dict() of an earlier run) continues where it left off."""
     assert 0 <= rank < world_size, f"rank {rank} outside world_size {world_size}"
     mixture = isinstance(cfg.train_shards, list)
-    if state is not None and ("mixture" in state) != mixture:
-        raise ValueError("the data state was saved with " + ("a mixture of sources" if "mixture" in state else
-                         "one train set") + " but this run's data.train_shards is " +
-                         ("a mixture" if mixture else "one set") + "; resuming across that change is not supported")
+    if state is not None:
+        _check_same_kind(cfg, [state])
     if not mixture:
         return _source_loader(cfg, cfg.sources[0], tokenizer_path, rank, world_size, state, root)
     signature = mixture_signature(cfg)
@@ -892,11 +900,7 @@ def resized_state(cfg: DataConfig, rank: int, world_size: int, saved: list[dict]
     the samples each source handed out carry over, all into rank 0's counts (the trainer sums over ranks)."""
     epoch = 1 + max(int(e) for old in saved for e, _ in old["epoch_pos"].values())
     state = epoch_start_state(cfg, rank, world_size, epoch, root)
-    if any(("mixture" in old) != isinstance(cfg.train_shards, list) for old in saved):
-        raise ValueError("the data state was saved with " + ("one train set" if isinstance(cfg.train_shards, list)
-                         else "a mixture of sources") + " but this run's data.train_shards is " +
-                         ("a mixture" if isinstance(cfg.train_shards, list) else "one set") +
-                         "; resuming across that change is not supported")
+    _check_same_kind(cfg, saved)
     if isinstance(cfg.train_shards, str):
         if rank == 0:
             state["seen"] = sum(int(old.get("seen", 0)) for old in saved)
