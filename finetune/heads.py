@@ -73,15 +73,19 @@ class MultipleChoiceHead(nn.Module):
 
 class AnswerClassifier(nn.Module):
     """Open-ended QA as classification over the train answers: [question ; video] through the fusion
-    stack, the pooled [CLS] -> MLP -> answer logits. Answers outside the vocabulary have label -100."""
+    stack, the pooled [CLS] plus the projected mean of the frames -> MLP -> answer logits. Answers outside
+    the vocabulary have label -100. The frames' own path is ours: through the fusion stack alone, a
+    colour read from the video stayed near chance in the debug task's budget (15.6% of "what colour"
+    questions, chance 12.5), with it 34.4% (README, "Finetune recipes that learn")."""
 
-    def __init__(self, dim: int, num_answers: int):
+    def __init__(self, dim: int, num_answers: int, video_dim: int):
         super().__init__()
+        self.video = nn.Linear(video_dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.LayerNorm(2 * dim), nn.Linear(2 * dim, num_answers))
 
     def logits(self, backbone: VideoTextModel, frames: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
         """frames (N, T', Dv), ids/mask (N, L) -> (N, num_answers)"""
-        return self.mlp(fused_cls(backbone, frames, ids, mask))
+        return self.mlp(fused_cls(backbone, frames, ids, mask) + self.video(frames.mean(1)))
 
     def forward(self, backbone: VideoTextModel, batch: dict, gather: Callable) -> dict[str, torch.Tensor]:
         logits = self.logits(backbone, video_frames(backbone, batch), batch["qa_ids"], batch["qa_mask"])

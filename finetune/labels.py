@@ -85,8 +85,9 @@ def synthetic_labels(key: str, meta: dict, num_choices: int, style: str) -> dict
       direction changed (false), choices ["true", "false"].
     - "open" (ActivityNet-QA-like): "which way does the red circle move?" -> a direction; "what
       colour is the circle that moves left?" -> a colour (only where the answer is unique in the video);
-      "is there a red shape?" -> yes / no (as many of each per video): the first two need the motion
-      and the shapes, the third only the colours, which a small model learns in a few dozen steps.
+      "is there a red shape?" -> yes / no (one of each per video): the first two need the motion
+      and the shapes, the third the colours matched against the question's (measured on the 1-event debug
+      corpus from a retrieval-finetuned backbone, 300 steps: the first two learn, the third stays at 50%).
     "captions" are the event sentences.
     """
     events = [parse_synthetic(s["text"]) for s in meta["sentences"]]
@@ -141,10 +142,10 @@ def _open_questions(events, sentences, num_choices, rng) -> list[dict]:
             qa.append({"question": f"which way does the {e['mover']} move?", "answer": e["direction"]})
         if shape_dirs[(e["shape"], e["direction"])] == 1:
             qa.append({"question": f"what colour is the {e['shape']} that moves {e['direction']}?", "answer": e["colour"]})
-    # as many "yes" as "no" questions about a colour being in the video at all
+    # one "yes" and one "no" question about a colour being in the video at all
     seen = sorted({c for e in events for c in (e["colour"], e["still"].split()[0])})
     absent = [c for c in COLOURS if c not in seen]
-    n = min(2, len(seen), len(absent))
+    n = min(1, len(seen), len(absent))
     for colours, answer in ((seen, "yes"), (absent, "no")):
         qa += [{"question": f"is there {'an' if c[0] in 'aeiou' else 'a'} {c} shape?", "answer": answer}
                for c in map(str, rng.permutation(colours)[:n])]

@@ -220,7 +220,7 @@ class OpenQATask(Task):
                  100.0 * sum(normalise_answer(a) in self.index for a in answers) / max(1, len(answers)), len(answers))
 
     def head(self, backbone: VideoTextModel):
-        return AnswerClassifier(backbone.text.dim, len(self.answers))
+        return AnswerClassifier(backbone.text.dim, len(self.answers), self.cfg.model.video.dims[-1])
 
     def train_batch(self, batch: dict, rng: np.random.Generator) -> dict:
         questions, labels = [], []

@@ -4,6 +4,9 @@ A source is one of
     RUN/checkpoints     a DeepSpeed checkpoint folder (its `latest` tag, consolidated to fp32 with
                         DeepSpeed's zero_to_fp32: any ZeRO stage, any world size)
     RUN                 a run folder (the same, through RUN/checkpoints)
+    a finetuning run    `finetune/run.py`'s RUN or RUN/checkpoints: accelerate's pytorch_model.bin of the
+                        `latest` tag without DeepSpeed, as above with it; its task model's `backbone.`
+                        tensors are the model, its `head.` tensors are left out (finetune retrieval, then QA)
     OUT.pt              a state dict saved with torch.save (`python -m pretrain.export`), read with
                         weights_only=True; a {"module": state_dict} wrapper is accepted
 
@@ -70,13 +73,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The {name: tensor} state dict in a weights source (see the module's docstring)."""
     folder = checkpoint_folder(path)
     if folder is not None:
+        plain = folder / (folder / LATEST).read_text().strip() / ACCELERATE_MODEL
+        if plain.is_file():  # a finetuning run without DeepSpeed
+            return task_backbone(_load_file(plain))
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder)))
+            return task_backbone(dict(get_fp32_state_dict_from_zero_checkpoint(str(folder))))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise WeightsError(f"weights {folder}: cannot consolidate the DeepSpeed checkpoint "
                                f"({type(e).__name__}: {e})") from None
+    return task_backbone(_load_file(Path(path)))
+
+
+ACCELERATE_MODEL = "pytorch_model.bin"  # what accelerate's save_state(safe_serialization=False) writes
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, not a torch file, objects weights_only refuses
@@ -86,6 +99,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise WeightsError(f"weights {path} are not a state dict of named tensors (nor {{'module': state_dict}})")
     return state
+
+
+def task_backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A finetuned task model's state (`backbone.*`, `head.*`) -> its backbone's; any other state as it is."""
+    if not any(k.startswith("backbone.") for k in state):
+        return state
+    if other := sorted(k for k in state if not k.startswith(("backbone.", "head."))):
+        raise WeightsError(f"weights hold a task model's backbone.* and also {_listing(other, 'other keys')}")
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
 def _listing(keys: list[str], what: str) -> str:

@@ -55,11 +55,11 @@ def test_synthetic_statements_and_open_questions():
     assert not any(q["question"] == "which way does the red circle move?" for q in open_qa)
     assert {"question": "what colour is the circle that moves right?", "answer": "red"} in open_qa
     assert synthetic_labels("k", META, 4, "open")["captions"] == [s["text"] for s in META["sentences"]]
-    # colour questions: as many yes as no, yes exactly for the colours the video shows
+    # colour questions: one yes and one no, yes exactly for the colours the video shows
     shown = {c for s in META["sentences"] for c in (parse_synthetic(s["text"])["colour"],
                                                     parse_synthetic(s["text"])["still"].split()[0])}
     colour_qs = [q for q in open_qa if q["question"].startswith("is there")]
-    assert [q["answer"] for q in colour_qs].count("yes") == [q["answer"] for q in colour_qs].count("no") == 2
+    assert [q["answer"] for q in colour_qs].count("yes") == [q["answer"] for q in colour_qs].count("no") == 1
     for q in colour_qs:
         assert (q["question"].split()[3] in shown) == (q["answer"] == "yes"), q
 

@@ -238,3 +238,29 @@ def test_relative_paths_are_taken_from_the_working_directory_when_they_exist_the
     assert resolve_path("ds_configs/zero1.json") == str(REPO_ROOT / "ds_configs" / "zero1.json")  # not here: the repo's
     train, val = make_split(tmp_path / "d" / "train"), make_split(tmp_path / "d" / "val")
     passes("pretrain", argv("pretrain", tmp_path, (train, val), "--ds-config", "mine.json"))
+
+
+def test_each_process_takes_its_share_of_the_cores_unless_omp_num_threads_says(monkeypatch):
+    """Two runs side by side with OMP_NUM_THREADS=1 must stay at 1 thread each (tests/test_finetune_learns.py runs
+    two): the share of the node's cores only applies when OMP_NUM_THREADS is not set."""
+    import os
+
+    import torch
+
+    import pretrain.ops
+    from pretrain.prelaunch import prepare_process
+
+    monkeypatch.setattr(pretrain.ops, "clean_node", lambda: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        prepare_process()
+        assert torch.get_num_threads() == 4  # 8 cores, 2 processes on the node
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        prepare_process()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -138,3 +138,32 @@ def test_a_run_folder_is_read_through_its_deepspeed_checkpoint(tmp_path, monkeyp
     dst = Stage1()
     load_weights(dst, run)
     assert asked == [str(run / "checkpoints")] and same(src, dst)
+
+
+class Task(nn.Module):
+    """A finetuning run's model: the backbone and a task head (finetune.heads.TaskModel's names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Stage2()
+        self.head = nn.Linear(4, 1)
+
+
+def test_a_finetuning_run_gives_its_backbone_without_the_head(tmp_path):
+    """finetune/run.py without DeepSpeed saves accelerate's pytorch_model.bin of the task model: --init RUN
+    (or RUN/checkpoints) loads its backbone.* tensors strictly; head.* are left out."""
+    torch.manual_seed(0)
+    task = Task()
+    tag = tmp_path / "run" / "checkpoints" / "global_step5"
+    tag.mkdir(parents=True)
+    (tag.parent / "latest").write_text("global_step5")
+    torch.save(task.state_dict(), tag / "pytorch_model.bin")
+    for source in (tmp_path / "run", tag.parent):
+        dst = Stage2()
+        report = load_weights(dst, source)
+        assert same(task.backbone, dst) and report["loaded"] == sorted(dst.state_dict()) and report["unexpected"] == []
+    # a task model's file with anything beside backbone.* and head.* is refused, naming the key
+    state = dict(task.state_dict(), **{"stray.weight": torch.zeros(1)})
+    torch.save(state, tag / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="stray.weight"):
+        load_weights(Stage2(), tmp_path / "run")
