@@ -79,7 +79,7 @@ def chain(corpus: Path, out: Path, seed: int) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """{task: [(before, after, chance) per seed]} and the wall time."""
+    """{task: [(before, after, chance) per seed]}; prints them and the wall time."""
     root = tmp_path_factory.mktemp("learns")
     corpus = root / "corpus"
     subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(corpus), "--videos", "128", "--val-videos",
