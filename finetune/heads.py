@@ -76,7 +76,7 @@ class AnswerClassifier(nn.Module):
     stack, the pooled [CLS] plus the projected mean of the frames -> MLP -> answer logits. Answers outside
     the vocabulary have label -100. The frames' own path is ours: through the fusion stack alone, a
     colour read from the video stayed near chance in the debug task's budget (15.6% of "what colour"
-    questions, chance 12.5), with it 34.4% (README, "Finetune recipes that learn")."""
+    questions, blind 6.2), with it 34.4% (README, "Finetune recipes that learn")."""
 
     def __init__(self, dim: int, num_answers: int, video_dim: int):
         super().__init__()
